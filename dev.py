@@ -1,0 +1,71 @@
+#!/usr/bin/env python3
+"""Set up and run the project with one command each.
+
+    python dev.py build   # create .venv if needed, install, validate -> README (-> site)
+    python dev.py test    # create .venv if needed, install, lint, freshness checks, pytest
+
+Only the Python standard library is used here, so this runs on a bare Python 3.11
+with pip. Installation is skipped while pyproject.toml is unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PYTHON = BIN / "python"
+STAMP = VENV / ".installed"
+
+
+def run(*cmd: str | Path) -> None:
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    result = subprocess.run([str(c) for c in cmd], cwd=ROOT)
+    if result.returncode:
+        sys.exit(result.returncode)
+
+
+def ensure_env() -> None:
+    """A virtual environment with the project and its test extras installed."""
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if STAMP.is_file() and STAMP.read_text().strip() == wanted and PYTHON.exists():
+        return
+    if not PYTHON.exists():
+        print(f"+ creating {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    # torch==2.13.0 is pinned in pyproject.toml: the CPU wheel that lies on the
+    # project machines' disk. Installing it first keeps pip from resolving a CUDA build.
+    run(PYTHON, "-m", "pip", "install", "--quiet", "torch==2.13.0")
+    run(PYTHON, "-m", "pip", "install", "--quiet", "-e", ".[test]")
+    STAMP.write_text(wanted + "\n")
+
+
+def build() -> None:
+    run(PYTHON, "-m", "tools", "build")
+
+
+def test() -> None:
+    run(PYTHON, "-m", "ruff", "check", ".")
+    run(PYTHON, "-m", "ruff", "format", "--check", ".")
+    run(PYTHON, "-m", "tools", "build", "--check")
+    run(PYTHON, "-m", "pytest", "-q")
+
+
+COMMANDS = {"build": build, "test": test}
+
+
+def main() -> None:
+    if len(sys.argv) != 2 or sys.argv[1] not in COMMANDS:
+        sys.exit(f"usage: python dev.py {{{'|'.join(COMMANDS)}}}")
+    ensure_env()
+    COMMANDS[sys.argv[1]]()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Rules that relate several fields of an entry, or several entries.
+
+Per-field rules (types, enums, URL and id forms) live in ``tools.schema``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from tools.problems import Problem
+from tools.schema import FIELD_ORDER
+from tools.taxonomy import Taxonomy
+
+if TYPE_CHECKING:
+    from tools.loader import Entry
+
+# Query parameters that change how a page looks, not what it is.
+_COSMETIC_QUERY = {"tab", "utm_source", "utm_medium", "utm_campaign"}
+_ERRATA_FIELDS = {*FIELD_ORDER, "links.abstract", "links.pdf", "links.code", "links.project"}
+
+
+def normalise_url(url: str) -> str:
+    """Canonical form used to spot the same page under two spellings."""
+    parts = urlsplit(url.strip())
+    host = parts.netloc.lower().removeprefix("www.")
+    path = parts.path.rstrip("/")
+    if host == "github.com":
+        path = path.lower()
+        for suffix in ("/tree/main", "/tree/master", ".git"):
+            path = path.removesuffix(suffix)
+    if host == "arxiv.org":
+        path = path.replace("/pdf/", "/abs/")
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k not in _COSMETIC_QUERY]
+    return urlunsplit(("https", host, path, urlencode(query), ""))
+
+
+def check_entry(entry: Entry, taxonomy: Taxonomy, reference_dir: Path) -> list[Problem]:
+    paper, path = entry.paper, entry.path
+    problems: list[Problem] = []
+
+    def add(field: str, message: str) -> None:
+        loc = tuple(field.split("."))
+        problems.append(Problem(path, entry.line(*loc), field, message))
+
+    if paper.id != path.stem:
+        add("id", f"{paper.id!r} differs from the file name; name the file {paper.id}.yaml")
+    if paper.arxiv is None and paper.openreview is None:
+        add("arxiv", "an entry needs an arXiv id or an OpenReview id")
+    if paper.arxiv:
+        first_month = f"20{paper.arxiv[:2]}-{paper.arxiv[2:4]}"
+        if paper.released > first_month:
+            add("released", f"{paper.released} is after the arXiv submission month {first_month}")
+        if paper.links.abstract != f"https://arxiv.org/abs/{paper.arxiv}":
+            add("links.abstract", f"expected https://arxiv.org/abs/{paper.arxiv}")
+        if paper.links.pdf and paper.links.pdf != f"https://arxiv.org/pdf/{paper.arxiv}":
+            add("links.pdf", f"expected https://arxiv.org/pdf/{paper.arxiv}")
+    elif paper.openreview:
+        if paper.links.abstract != f"https://openreview.net/forum?id={paper.openreview}":
+            add("links.abstract", f"expected https://openreview.net/forum?id={paper.openreview}")
+
+    if paper.venue != "arXiv":
+        series, _, year = paper.venue.rpartition(" ")
+        if series not in taxonomy.venue_series or not (year.isdigit() and len(year) == 4):
+            add(
+                "venue",
+                f"{paper.venue!r}: expected 'arXiv' or '<series> <year>' with a series from "
+                f"taxonomy.yaml ({', '.join(taxonomy.venue_series)})",
+            )
+        elif not paper.year <= int(year) <= dt.date.today().year + 1:
+            add("venue", f"year {year} is before the release ({paper.released}) or too far ahead")
+
+    for facet in ("modality", "stage", "mechanism", "orgs"):
+        values = getattr(paper, facet)
+        if len(set(values)) != len(values):
+            add(facet, "lists a term twice")
+    if paper.added > dt.date.today():
+        add("added", f"{paper.added} is in the future")
+    for index, erratum in enumerate(paper.errata):
+        if erratum.field not in _ERRATA_FIELDS:
+            problems.append(
+                Problem(path, entry.line("errata", index, "field"), f"errata[{index}].field",
+                        f"{erratum.field!r} is not a field of an entry")
+            )
+    if paper.reference and not (reference_dir / f"{paper.reference}.py").is_file():
+        add("reference", f"no module reference/{paper.reference}.py")
+    return problems
+
+
+def _duplicates(entries: list[Entry], key, field: str, what: str) -> list[Problem]:
+    """One problem per entry that shares ``key(entry)`` with an earlier one."""
+    seen: dict[str, Entry] = {}
+    problems = []
+    for entry in entries:
+        for value in key(entry):
+            if value is None:
+                continue
+            first = seen.setdefault(value, entry)
+            if first is not entry and first.paper.id != entry.paper.id:
+                problems.append(
+                    Problem(entry.path, entry.line(*field.split(".")), field,
+                            f"{what} {value} is also used by {first.path.name}")
+                )
+    return problems
+
+
+def check_catalog(entries: list[Entry], taxonomy: Taxonomy, reference_dir: Path) -> list[Problem]:
+    problems: list[Problem] = []
+    for entry in entries:
+        problems += check_entry(entry, taxonomy, reference_dir)
+
+    ids: dict[str, list[Entry]] = defaultdict(list)
+    for entry in entries:
+        ids[entry.paper.id].append(entry)
+    for paper_id, same in ids.items():
+        for entry in same[1:]:
+            problems.append(Problem(entry.path, entry.line("id"), "id",
+                                    f"duplicate id {paper_id!r}; also in {same[0].path.name}"))
+
+    problems += _duplicates(entries, lambda e: [e.paper.arxiv], "arxiv", "arXiv id")
+    problems += _duplicates(entries, lambda e: [e.paper.openreview], "openreview", "OpenReview id")
+    problems += _duplicates(entries, lambda e: [e.paper.reference], "reference", "module")
+    for link in ("abstract", "pdf", "code", "project"):
+        problems += _duplicates(
+            entries,
+            lambda e, link=link: [
+                normalise_url(url) if url else None for url in [getattr(e.paper.links, link)]
+            ],
+            f"links.{link}",
+            "URL",
+        )
+    return problems

@@ -1,0 +1,177 @@
+"""``python -m tools``: validate the catalog and generate everything from it."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+import time
+from pathlib import Path
+
+from tools import paths
+from tools.loader import Catalog, load_catalog
+from tools.problems import CatalogInvalid
+from tools.render_readme import ReadmeError, render_readme
+from tools.writeout import write_atomic
+
+
+def _load(args) -> Catalog:
+    return load_catalog(Path(args.catalog), Path(args.reference))
+
+
+def _stale(path: Path, text: str) -> bool:
+    return not path.is_file() or path.read_text(encoding="utf-8") != text
+
+
+def cmd_validate(args) -> int:
+    start = time.perf_counter()
+    catalog = _load(args)
+    targets = {t: sum(p.target == t for p in catalog.papers) for t in catalog.taxonomy.target}
+    split = ", ".join(f"{n} {t}" for t, n in targets.items())
+    print(f"{args.catalog}: {len(catalog.entries)} papers ({split}) valid "
+          f"in {time.perf_counter() - start:.2f} s")
+    return 0
+
+
+def _readme_text(args, catalog: Catalog) -> str:
+    readme = Path(args.readme)
+    if not readme.is_file():
+        raise ReadmeError(f"{readme} does not exist")
+    return render_readme(readme.read_text(encoding="utf-8"), catalog)
+
+
+def _schema_text(catalog: Catalog) -> str:
+    from tools.json_schema import render_json_schema
+
+    return render_json_schema(catalog.taxonomy)
+
+
+def _outputs(args, catalog: Catalog) -> dict[Path, str]:
+    """Every generated file and its new content, computed before anything is written."""
+    return {
+        Path(args.catalog) / paths.SCHEMA_FILENAME: _schema_text(catalog),
+        Path(args.readme): _readme_text(args, catalog),
+    }
+
+
+def _write_or_check(outputs: dict[Path, str], check: bool) -> int:
+    if check:
+        stale = [path for path, text in outputs.items() if _stale(path, text)]
+        for path in stale:
+            print(f"{path} is stale: run `python -m tools build`", file=sys.stderr)
+        return 1 if stale else 0
+    for path, text in outputs.items():
+        print(f"{path}: {'written' if write_atomic(path, text) else 'unchanged'}")
+    return 0
+
+
+def cmd_render(args) -> int:
+    catalog = _load(args)
+    return _write_or_check({Path(args.readme): _readme_text(args, catalog)}, args.check)
+
+
+def cmd_schema(args) -> int:
+    catalog = _load(args)
+    path = Path(args.catalog) / paths.SCHEMA_FILENAME
+    return _write_or_check({path: _schema_text(catalog)}, args.check)
+
+
+def cmd_build(args) -> int:
+    catalog = _load(args)
+    print(f"{args.catalog}: {len(catalog.entries)} papers valid")
+    return _write_or_check(_outputs(args, catalog), args.check)
+
+
+def cmd_export(args) -> int:
+    catalog = _load(args)
+    if args.format == "json":
+        from tools.export_json import render_json as render
+    else:
+        from tools.export_bibtex import render_bibtex as render
+    text = render(catalog)
+    if args.output in (None, "-"):
+        sys.stdout.write(text)
+    else:
+        write_atomic(Path(args.output), text)
+        print(f"{args.output}: {len(catalog.entries)} papers", file=sys.stderr)
+    return 0
+
+
+def cmd_new(args) -> int:
+    from tools.scaffold import fetch_arxiv, parse_arxiv_id, render_template, slug_for
+
+    arxiv_id = parse_arxiv_id(args.arxiv)
+    catalog = _load(args)
+    for paper in catalog.papers:
+        if paper.arxiv == arxiv_id:
+            print(f"error: arXiv {arxiv_id} is already in the catalog as {paper.id}",
+                  file=sys.stderr)
+            return 1
+    meta = None if args.offline else fetch_arxiv(arxiv_id)
+    if meta is None:
+        print("arXiv API not reached: writing a template with the unknowns marked",
+              file=sys.stderr)
+    paper_id = args.id or slug_for(meta.title if meta else None, arxiv_id)
+    path = Path(args.catalog) / paths.PAPERS_DIRNAME / f"{paper_id}.yaml"
+    if path.exists():
+        print(f"error: {path} exists; pick another --id", file=sys.stderr)
+        return 1
+    write_atomic(path, render_template(paper_id, arxiv_id, meta, dt.date.today()))
+    print(f"{path}: fill in the TODOs, then run `python -m tools build`")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tools",
+        description="Validate the token-compression catalog and generate the README, "
+        "JSON Schema and exports from it.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--catalog", default=str(paths.CATALOG), metavar="DIR",
+                       help="catalog directory (default: %(default)s)")
+        p.add_argument("--reference", default=str(paths.REFERENCE), metavar="DIR",
+                       help="reference implementations directory (default: %(default)s)")
+        p.set_defaults(func=func)
+        return p
+
+    command("validate", "Check every entry; print all problems as path:line: field: message.",
+            cmd_validate)
+    for name, help_text, func in (
+        ("render", "Render the paper list into README.md's generated regions.", cmd_render),
+        ("build", "Validate, then regenerate the JSON Schema and README.md.", cmd_build),
+    ):
+        p = command(name, help_text, func)
+        p.add_argument("--readme", default=str(paths.README), metavar="FILE",
+                       help="README to update (default: %(default)s)")
+        p.add_argument("--check", action="store_true",
+                       help="write nothing; exit 1 if a generated file is stale")
+    p = command("schema", "Write catalog/paper.schema.json (JSON Schema for editors).",
+                cmd_schema)
+    p.add_argument("--check", action="store_true",
+                   help="write nothing; exit 1 if the schema file is stale")
+    p = command("export", "Export the whole catalog as JSON or BibTeX.", cmd_export)
+    p.add_argument("--format", required=True, choices=("json", "bibtex"))
+    p.add_argument("-o", "--output", metavar="FILE", help="output file (default: stdout)")
+    p = command("new", "Scaffold catalog/papers/<id>.yaml for an arXiv paper.", cmd_new)
+    p.add_argument("--arxiv", required=True, metavar="ID", help="arXiv id or abs/pdf URL")
+    p.add_argument("--id", help="catalog id (default: derived from the title)")
+    p.add_argument("--offline", action="store_true", help="do not call the arXiv API")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CatalogInvalid as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(f"{len(exc.problems)} problem(s); nothing was written", file=sys.stderr)
+        return 1
+    except (ReadmeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

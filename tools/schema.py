@@ -1,0 +1,159 @@
+"""Pydantic models of one catalog entry; enums are built from the taxonomy.
+
+``paper_model(taxonomy)`` returns the ``Paper`` class for a taxonomy, so adding a
+term to ``catalog/taxonomy.yaml`` is a data change. Per-field rules live here;
+rules that relate several fields or several entries live in ``tools.checks``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from functools import lru_cache
+from typing import Annotated, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    create_model,
+)
+
+from tools.taxonomy import Taxonomy
+
+ARXIV_ID = r"^\d{2}(0[1-9]|1[0-2])\.\d{4,5}$"
+OPENREVIEW_ID = r"^[A-Za-z0-9_-]{8,12}$"
+YEAR_MONTH = r"^(19|20)\d{2}-(0[1-9]|1[0-2])$"
+SLUG = r"^[a-z][a-z0-9_]*$"
+
+# Markup that would break a Markdown list item or inject HTML when rendered.
+_HTML_TAG = re.compile(r"</?[A-Za-z!][^>]*>")
+_MD_LINK = re.compile(r"\]\s*\(|!\[")
+_URL = re.compile(r"^https?://[A-Za-z0-9.-]+\.[A-Za-z]{2,}(:\d+)?(/[^\s<>\"]*)?$")
+_ARXIV_URL = re.compile(r"^https://arxiv\.org/(abs|pdf)/\d{4}\.\d{4,5}$")
+
+
+def _plain_text(value: str) -> str:
+    if value != value.strip():
+        raise ValueError("has leading or trailing whitespace")
+    if "\n" in value or "\r" in value:
+        raise ValueError("must be a single line")
+    if _HTML_TAG.search(value):
+        raise ValueError(f"contains an HTML tag ({_HTML_TAG.search(value).group(0)!r}); plain text only")
+    if _MD_LINK.search(value):
+        raise ValueError("contains Markdown link or image syntax; plain text only")
+    if "`" in value:
+        raise ValueError("contains a backtick; plain text only")
+    return value
+
+
+def _url(value: str) -> str:
+    if not _URL.match(value):
+        raise ValueError(f"not an http(s) URL: {value!r}")
+    return value
+
+
+def _link(value: str) -> str:
+    """A link we render: arXiv links must be the canonical abs/pdf form."""
+    value = _url(value)
+    if "arxiv.org" in value.split("/")[2] and not _ARXIV_URL.match(value):
+        raise ValueError(
+            f"malformed arXiv URL {value!r}: use https://arxiv.org/abs/<id> or "
+            "https://arxiv.org/pdf/<id>, without a version or a .pdf suffix"
+        )
+    return value
+
+
+def _folded(value: str) -> str:
+    """YAML folded scalars (``>-``) may end with a newline; keep one clean line."""
+    return " ".join(value.split())
+
+
+PlainText = Annotated[str, StringConstraints(min_length=1), AfterValidator(_plain_text)]
+Sentence = Annotated[
+    str, StringConstraints(min_length=20), AfterValidator(_folded), AfterValidator(_plain_text)
+]
+Url = Annotated[str, AfterValidator(_url)]
+Link = Annotated[str, AfterValidator(_link)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class Links(_Strict):
+    """Where to read and run the paper; ``None`` where there is none (or none known)."""
+
+    abstract: Link
+    pdf: Link | None = None
+    code: Link | None = None
+    project: Link | None = None
+
+
+class Erratum(_Strict):
+    """One place where the entry differs from the original list."""
+
+    field: PlainText
+    seed: str = Field(min_length=1, description="What the original list said, verbatim.")
+    note: Sentence
+
+
+class PaperBase(_Strict):
+    """Fields whose type does not depend on the taxonomy."""
+
+    id: Annotated[str, StringConstraints(pattern=SLUG)]
+    name: PlainText
+    title: PlainText
+    authors: list[PlainText] | None = Field(min_length=1)
+    arxiv: Annotated[str, StringConstraints(pattern=ARXIV_ID)] | None = None
+    openreview: Annotated[str, StringConstraints(pattern=OPENREVIEW_ID)] | None = None
+    released: Annotated[str, StringConstraints(pattern=YEAR_MONTH)]
+    venue: PlainText
+    links: Links
+    summary: Sentence
+    added: dt.date = Field(strict=False)
+    reference: Annotated[str, StringConstraints(pattern=SLUG)] | None = None
+    errata: list[Erratum] = []
+    sources: list[Url] = []
+
+    @property
+    def year(self) -> int:
+        return int(self.released[:4])
+
+    @property
+    def venue_series(self) -> str:
+        """``ICLR`` for ``ICLR 2023``; ``arXiv`` when unpublished."""
+        return self.venue.rsplit(" ", 1)[0] if self.venue != "arXiv" else "arXiv"
+
+
+def _terms(taxonomy: Taxonomy, facet: str):
+    return Literal[tuple(taxonomy.facet(facet))]  # type: ignore[misc]
+
+
+@lru_cache(maxsize=8)
+def paper_model(taxonomy: Taxonomy) -> type[PaperBase]:
+    """The ``Paper`` model whose enum fields accept exactly the taxonomy's terms."""
+
+    def unique_list(facet: str):
+        return (Annotated[list[_terms(taxonomy, facet)], Field(min_length=1)], ...)
+
+    return create_model(
+        "Paper",
+        __base__=PaperBase,
+        __module__=__name__,
+        modality=unique_list("modality"),
+        target=(_terms(taxonomy, "target"), ...),
+        stage=unique_list("stage"),
+        mechanism=unique_list("mechanism"),
+        training=(_terms(taxonomy, "training") | None, ...),
+        orgs=(list[_terms(taxonomy, "orgs")], []),
+    )
+
+
+# Key order of an entry file: the order contributors write and `new` scaffolds.
+FIELD_ORDER = (
+    "id name title authors arxiv openreview released venue modality target stage "
+    "mechanism training links orgs summary added reference errata sources"
+).split()
