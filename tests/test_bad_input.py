@@ -14,26 +14,88 @@ def line_of(text: str, needle: str) -> int:
 # (case id, file, old text, new text, field reported, words in the message, line anchor)
 CASES = [
     ("malformed-yaml", "tome", TOME_TITLE, "title: [Token Merging", "(file)", "invalid YAML", None),
-    ("unknown-key", "tome", "orgs: []", "orgs: []\ncolour: red", "colour", "unknown key",
-     "colour:"),
-    ("wrong-enum", "tome", "mechanism: [merging]", "mechanism: [mergeing]", "mechanism[0]",
-     "Input should be 'pruning'", "mechanism:"),
-    ("missing-field", "tome", "venue: ICLR 2023\n", "", "venue", "required field is missing",
-     None),
-    ("bad-arxiv-id", "tome", 'arxiv: "2210.09461"', 'arxiv: "2213.09461"', "arxiv",
-     "does not match", "arxiv:"),
-    ("unquoted-arxiv-id", "tome", 'arxiv: "2210.09461"', "arxiv: 2210.09461", "arxiv",
-     "must be a quoted string", "arxiv:"),
-    ("bad-url", "tome", "code: https://github.com/facebookresearch/ToMe",
-     "code: github.com/facebookresearch/ToMe", "links.code", "not an http(s) URL", "code:"),
-    ("malformed-arxiv-url", "tome", "pdf: https://arxiv.org/pdf/2210.09461",
-     "pdf: https://arxiv.org/abs/2210.09461.pdf", "links.pdf", "malformed arXiv URL", "pdf:"),
-    ("title-html", "tome", TOME_TITLE, 'title: "Token <script>alert(1)</script> Merging"',
-     "title", "HTML tag", "title:"),
-    ("title-markdown-link", "tome", TOME_TITLE, 'title: "[Token Merging](https://example.com)"',
-     "title", "Markdown link", "title:"),
-    ("bad-venue", "tome", "venue: ICLR 2023", "venue: ICLR'23", "venue", "expected 'arXiv'",
-     "venue:"),
+    (
+        "unknown-key",
+        "tome",
+        "orgs: []",
+        "orgs: []\ncolour: red",
+        "colour",
+        "unknown key",
+        "colour:",
+    ),
+    (
+        "wrong-enum",
+        "tome",
+        "mechanism: [merging]",
+        "mechanism: [mergeing]",
+        "mechanism[0]",
+        "Input should be 'pruning'",
+        "mechanism:",
+    ),
+    ("missing-field", "tome", "venue: ICLR 2023\n", "", "venue", "required field is missing", None),
+    (
+        "bad-arxiv-id",
+        "tome",
+        'arxiv: "2210.09461"',
+        'arxiv: "2213.09461"',
+        "arxiv",
+        "does not match",
+        "arxiv:",
+    ),
+    (
+        "unquoted-arxiv-id",
+        "tome",
+        'arxiv: "2210.09461"',
+        "arxiv: 2210.09461",
+        "arxiv",
+        "must be a quoted string",
+        "arxiv:",
+    ),
+    (
+        "bad-url",
+        "tome",
+        "code: https://github.com/facebookresearch/ToMe",
+        "code: github.com/facebookresearch/ToMe",
+        "links.code",
+        "not an http(s) URL",
+        "code:",
+    ),
+    (
+        "malformed-arxiv-url",
+        "tome",
+        "pdf: https://arxiv.org/pdf/2210.09461",
+        "pdf: https://arxiv.org/abs/2210.09461.pdf",
+        "links.pdf",
+        "malformed arXiv URL",
+        "pdf:",
+    ),
+    (
+        "title-html",
+        "tome",
+        TOME_TITLE,
+        'title: "Token <script>alert(1)</script> Merging"',
+        "title",
+        "HTML tag",
+        "title:",
+    ),
+    (
+        "title-markdown-link",
+        "tome",
+        TOME_TITLE,
+        'title: "[Token Merging](https://example.com)"',
+        "title",
+        "Markdown link",
+        "title:",
+    ),
+    (
+        "bad-venue",
+        "tome",
+        "venue: ICLR 2023",
+        "venue: ICLR'23",
+        "venue",
+        "expected 'arXiv'",
+        "venue:",
+    ),
 ]
 
 
@@ -101,7 +163,8 @@ def test_same_code_link_under_two_spellings_is_a_duplicate(ws, cli):
     path = ws.entry_path("evit")
     data = ws.load_entry("evit")
     text = path.read_text(encoding="utf-8").replace(
-        data["links"]["code"], "https://github.com/FacebookResearch/ToMe/tree/main?tab=readme-ov-file"
+        data["links"]["code"],
+        "https://github.com/FacebookResearch/ToMe/tree/main?tab=readme-ov-file",
     )
     path.write_text(text, encoding="utf-8")
     result = cli("validate", *ws.args())

@@ -26,8 +26,10 @@ def test_hand_written_parts_are_kept(ws, cli):
     rendered = ws.readme.read_text(encoding="utf-8")
     assert "A note a person wrote." in rendered
     # Only the generated regions differ from what the person wrote.
-    head, tail = text.split("<!-- BEGIN GENERATED: summary", 1)[0], text.rsplit(
-        "<!-- END GENERATED: papers -->", 1)[1]
+    head, tail = (
+        text.split("<!-- BEGIN GENERATED: summary", 1)[0],
+        text.rsplit("<!-- END GENERATED: papers -->", 1)[1],
+    )
     assert rendered.startswith(head) and rendered.endswith(tail)
 
 

@@ -59,8 +59,9 @@ def check_entry(entry: Entry, taxonomy: Taxonomy, reference_dir: Path) -> list[P
         if paper.links.pdf and paper.links.pdf != f"https://arxiv.org/pdf/{paper.arxiv}":
             add("links.pdf", f"expected https://arxiv.org/pdf/{paper.arxiv}")
     elif paper.openreview:
-        if paper.links.abstract != f"https://openreview.net/forum?id={paper.openreview}":
-            add("links.abstract", f"expected https://openreview.net/forum?id={paper.openreview}")
+        forum = f"https://openreview.net/forum?id={paper.openreview}"
+        if paper.links.abstract != forum:
+            add("links.abstract", f"expected {forum}")
 
     if paper.venue != "arXiv":
         series, _, year = paper.venue.rpartition(" ")
@@ -82,8 +83,12 @@ def check_entry(entry: Entry, taxonomy: Taxonomy, reference_dir: Path) -> list[P
     for index, erratum in enumerate(paper.errata):
         if erratum.field not in _ERRATA_FIELDS:
             problems.append(
-                Problem(path, entry.line("errata", index, "field"), f"errata[{index}].field",
-                        f"{erratum.field!r} is not a field of an entry")
+                Problem(
+                    path,
+                    entry.line("errata", index, "field"),
+                    f"errata[{index}].field",
+                    f"{erratum.field!r} is not a field of an entry",
+                )
             )
     if paper.reference and not (reference_dir / f"{paper.reference}.py").is_file():
         add("reference", f"no module reference/{paper.reference}.py")
@@ -101,8 +106,12 @@ def _duplicates(entries: list[Entry], key, field: str, what: str) -> list[Proble
             first = seen.setdefault(value, entry)
             if first is not entry and first.paper.id != entry.paper.id:
                 problems.append(
-                    Problem(entry.path, entry.line(*field.split(".")), field,
-                            f"{what} {value} is also used by {first.path.name}")
+                    Problem(
+                        entry.path,
+                        entry.line(*field.split(".")),
+                        field,
+                        f"{what} {value} is also used by {first.path.name}",
+                    )
                 )
     return problems
 
@@ -117,8 +126,14 @@ def check_catalog(entries: list[Entry], taxonomy: Taxonomy, reference_dir: Path)
         ids[entry.paper.id].append(entry)
     for paper_id, same in ids.items():
         for entry in same[1:]:
-            problems.append(Problem(entry.path, entry.line("id"), "id",
-                                    f"duplicate id {paper_id!r}; also in {same[0].path.name}"))
+            problems.append(
+                Problem(
+                    entry.path,
+                    entry.line("id"),
+                    "id",
+                    f"duplicate id {paper_id!r}; also in {same[0].path.name}",
+                )
+            )
 
     problems += _duplicates(entries, lambda e: [e.paper.arxiv], "arxiv", "arXiv id")
     problems += _duplicates(entries, lambda e: [e.paper.openreview], "openreview", "OpenReview id")

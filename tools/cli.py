@@ -28,8 +28,10 @@ def cmd_validate(args) -> int:
     catalog = _load(args)
     targets = {t: sum(p.target == t for p in catalog.papers) for t in catalog.taxonomy.target}
     split = ", ".join(f"{n} {t}" for t, n in targets.items())
-    print(f"{args.catalog}: {len(catalog.entries)} papers ({split}) valid "
-          f"in {time.perf_counter() - start:.2f} s")
+    print(
+        f"{args.catalog}: {len(catalog.entries)} papers ({split}) valid "
+        f"in {time.perf_counter() - start:.2f} s"
+    )
     return 0
 
 
@@ -104,13 +106,13 @@ def cmd_new(args) -> int:
     catalog = _load(args)
     for paper in catalog.papers:
         if paper.arxiv == arxiv_id:
-            print(f"error: arXiv {arxiv_id} is already in the catalog as {paper.id}",
-                  file=sys.stderr)
+            print(
+                f"error: arXiv {arxiv_id} is already in the catalog as {paper.id}", file=sys.stderr
+            )
             return 1
     meta = None if args.offline else fetch_arxiv(arxiv_id)
     if meta is None:
-        print("arXiv API not reached: writing a template with the unknowns marked",
-              file=sys.stderr)
+        print("arXiv API not reached: writing a template with the unknowns marked", file=sys.stderr)
     paper_id = args.id or slug_for(meta.title if meta else None, arxiv_id)
     path = Path(args.catalog) / paths.PAPERS_DIRNAME / f"{paper_id}.yaml"
     if path.exists():
@@ -131,28 +133,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, help_text: str, func) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--catalog", default=str(paths.CATALOG), metavar="DIR",
-                       help="catalog directory (default: %(default)s)")
-        p.add_argument("--reference", default=str(paths.REFERENCE), metavar="DIR",
-                       help="reference implementations directory (default: %(default)s)")
+        p.add_argument(
+            "--catalog",
+            default=str(paths.CATALOG),
+            metavar="DIR",
+            help="catalog directory (default: %(default)s)",
+        )
+        p.add_argument(
+            "--reference",
+            default=str(paths.REFERENCE),
+            metavar="DIR",
+            help="reference implementations directory (default: %(default)s)",
+        )
         p.set_defaults(func=func)
         return p
 
-    command("validate", "Check every entry; print all problems as path:line: field: message.",
-            cmd_validate)
+    command(
+        "validate",
+        "Check every entry; print all problems as path:line: field: message.",
+        cmd_validate,
+    )
     for name, help_text, func in (
         ("render", "Render the paper list into README.md's generated regions.", cmd_render),
         ("build", "Validate, then regenerate the JSON Schema and README.md.", cmd_build),
     ):
         p = command(name, help_text, func)
-        p.add_argument("--readme", default=str(paths.README), metavar="FILE",
-                       help="README to update (default: %(default)s)")
-        p.add_argument("--check", action="store_true",
-                       help="write nothing; exit 1 if a generated file is stale")
-    p = command("schema", "Write catalog/paper.schema.json (JSON Schema for editors).",
-                cmd_schema)
-    p.add_argument("--check", action="store_true",
-                   help="write nothing; exit 1 if the schema file is stale")
+        p.add_argument(
+            "--readme",
+            default=str(paths.README),
+            metavar="FILE",
+            help="README to update (default: %(default)s)",
+        )
+        p.add_argument(
+            "--check",
+            action="store_true",
+            help="write nothing; exit 1 if a generated file is stale",
+        )
+    p = command("schema", "Write catalog/paper.schema.json (JSON Schema for editors).", cmd_schema)
+    p.add_argument(
+        "--check", action="store_true", help="write nothing; exit 1 if the schema file is stale"
+    )
     p = command("export", "Export the whole catalog as JSON or BibTeX.", cmd_export)
     p.add_argument("--format", required=True, choices=("json", "bibtex"))
     p.add_argument("-o", "--output", metavar="FILE", help="output file (default: stdout)")

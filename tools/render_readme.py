@@ -42,8 +42,9 @@ def sections(catalog: Catalog) -> list[dict]:
             {"year": year, "anchor": gh_anchor(f"{target}, {year}"), "papers": list(group)}
             for year, group in groupby(papers, key=lambda p: p.year)
         ]
-        out.append({"target": target, "anchor": gh_anchor(target), "count": len(papers),
-                    "years": years})
+        out.append(
+            {"target": target, "anchor": gh_anchor(target), "count": len(papers), "years": years}
+        )
     return out
 
 
@@ -73,8 +74,10 @@ def render_readme(current: str, catalog: Catalog) -> str:
     if missing:
         raise ReadmeError(
             "README.md lacks the generated region(s) "
-            + ", ".join(f"'<!-- BEGIN GENERATED: {n} -->' ... '<!-- END GENERATED: {n} -->'"
-                        for n in missing)
+            + ", ".join(
+                f"'<!-- BEGIN GENERATED: {n} -->' ... '<!-- END GENERATED: {n} -->'"
+                for n in missing
+            )
         )
     unknown = sorted(set(found) - set(REGIONS))
     if unknown or len(found) != len(set(found)):

@@ -81,8 +81,9 @@ def _q(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def render_template(paper_id: str, arxiv_id: str, meta: ArxivMetadata | None,
-                    today: dt.date) -> str:
+def render_template(
+    paper_id: str, arxiv_id: str, meta: ArxivMetadata | None, today: dt.date
+) -> str:
     unknown = "null  # TODO unknown: the arXiv API could not be reached"
     if meta:
         authors = "\n".join(f"  - {_q(a)}" for a in meta.authors)

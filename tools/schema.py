@@ -41,7 +41,9 @@ def _plain_text(value: str) -> str:
     if "\n" in value or "\r" in value:
         raise ValueError("must be a single line")
     if _HTML_TAG.search(value):
-        raise ValueError(f"contains an HTML tag ({_HTML_TAG.search(value).group(0)!r}); plain text only")
+        raise ValueError(
+            f"contains an HTML tag ({_HTML_TAG.search(value).group(0)!r}); plain text only"
+        )
     if _MD_LINK.search(value):
         raise ValueError("contains Markdown link or image syntax; plain text only")
     if "`" in value:
@@ -116,6 +118,7 @@ class PaperBase(_Strict):
     added: dt.date = Field(strict=False)
     reference: Annotated[str, StringConstraints(pattern=SLUG)] | None = None
     errata: list[Erratum] = []
+    notes: list[Sentence] = []
     sources: list[Url] = []
 
     @property
@@ -153,7 +156,26 @@ def paper_model(taxonomy: Taxonomy) -> type[PaperBase]:
 
 
 # Key order of an entry file: the order contributors write and `new` scaffolds.
-FIELD_ORDER = (
-    "id name title authors arxiv openreview released venue modality target stage "
-    "mechanism training links orgs summary added reference errata sources"
-).split()
+FIELD_ORDER = [
+    "id",
+    "name",
+    "title",
+    "authors",
+    "arxiv",
+    "openreview",
+    "released",
+    "venue",
+    "modality",
+    "target",
+    "stage",
+    "mechanism",
+    "training",
+    "links",
+    "orgs",
+    "summary",
+    "added",
+    "reference",
+    "errata",
+    "notes",
+    "sources",
+]
