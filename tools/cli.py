@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import sys
 import time
 from pathlib import Path
@@ -50,10 +51,17 @@ def _schema_text(catalog: Catalog) -> str:
 
 def _outputs(args, catalog: Catalog) -> dict[Path, str]:
     """Every generated file and its new content, computed before anything is written."""
-    return {
+    outputs = {
         Path(args.catalog) / paths.SCHEMA_FILENAME: _schema_text(catalog),
         Path(args.readme): _readme_text(args, catalog),
     }
+    if paths.CATALOG_BENCH.is_file():
+        from tools.templating import environment
+
+        result = json.loads(paths.CATALOG_BENCH.read_text(encoding="utf-8"))
+        template = environment().get_template("catalog_performance.md.j2")
+        outputs[paths.DOCS / "catalog-performance.md"] = template.render(result=result)
+    return outputs
 
 
 def _write_or_check(outputs: dict[Path, str], check: bool) -> int:
@@ -123,6 +131,13 @@ def cmd_new(args) -> int:
     return 0
 
 
+def cmd_bench_catalog(args) -> int:
+    from tools.bench_catalog import run
+
+    run(args.papers, args.repeat, Path(args.output) if args.output else None)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m tools",
@@ -180,6 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arxiv", required=True, metavar="ID", help="arXiv id or abs/pdf URL")
     p.add_argument("--id", help="catalog id (default: derived from the title)")
     p.add_argument("--offline", action="store_true", help="do not call the arXiv API")
+    p = sub.add_parser(
+        "bench-catalog",
+        help="Time validate, render and export on the real and a generated catalog.",
+        description="Time validate, render and export on the real catalog and on a "
+        "generated one; medians of --repeat runs after one warm-up.",
+    )
+    p.add_argument("--papers", type=int, default=5000, help="size of the generated catalog")
+    p.add_argument("--repeat", type=int, default=5, help="timed runs per step")
+    p.add_argument("-o", "--output", metavar="FILE", help="write the results as JSON")
+    p.set_defaults(func=cmd_bench_catalog)
     return parser
 
 

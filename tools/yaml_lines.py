@@ -13,6 +13,9 @@ import yaml
 
 Path_ = tuple[str | int, ...]
 
+# libyaml's parser when PyYAML was built with it: about 15x faster on the catalog.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 
 class YamlSyntaxError(ValueError):
     def __init__(self, line: int, message: str):
@@ -36,8 +39,8 @@ class LocatedYaml:
 def load_located(text: str) -> LocatedYaml:
     """Parse one YAML document; raise YamlSyntaxError with the offending line."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=_LOADER)
+        data = yaml.constructor.SafeConstructor().construct_document(node) if node else None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
