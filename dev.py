@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Set up and run the project with one command each.
 
-    python dev.py build   # create .venv if needed, install, validate -> README (-> site)
+    python dev.py build   # create .venv if needed, install, validate -> README -> site
     python dev.py test    # create .venv if needed, install, lint, freshness checks, pytest
 
 Only the Python standard library is used here, so this runs on a bare Python 3.11
@@ -26,7 +26,9 @@ STAMP = VENV / ".installed"
 
 def run(*cmd: str | Path) -> None:
     print("+", " ".join(str(c) for c in cmd), flush=True)
-    result = subprocess.run([str(c) for c in cmd], cwd=ROOT)
+    # mkdocs-material prints a notice about MkDocs 2.0 on every build; not actionable here.
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    result = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env)
     if result.returncode:
         sys.exit(result.returncode)
 
@@ -48,6 +50,8 @@ def ensure_env() -> None:
 
 def build() -> None:
     run(PYTHON, "-m", "tools", "build")
+    run(BIN / "mkdocs", "build", "--strict", "--quiet")
+    print(f"site: {ROOT / 'site'}; serve it with `.venv/bin/mkdocs serve`")
 
 
 def test() -> None:
