@@ -1,4 +1,4 @@
-"""``python -m tools bench-catalog``: time validate, render and export.
+"""``python -m tools bench-catalog``: time validate, render, export and the site build.
 
 Times the real catalog, then a generated catalog of ``--papers`` entries (copies
 of the real ones with unique ids, arXiv ids and links), and writes the medians
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -27,6 +28,15 @@ from tools.export_bibtex import render_bibtex
 from tools.export_json import render_json
 from tools.loader import load_catalog
 from tools.render_readme import render_readme
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def generate_catalog(target: Path, count: int) -> None:
@@ -58,8 +68,9 @@ def generate_catalog(target: Path, count: int) -> None:
         (papers / f"{data['id']}.yaml").write_text(text, encoding="utf-8")
 
 
-def median_seconds(func: Callable[[], object], repeat: int) -> float:
-    func()  # warm-up, discarded
+def median_seconds(func: Callable[[], object], repeat: int, warm_up: bool = True) -> float:
+    if warm_up:
+        func()  # discarded
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
@@ -89,12 +100,36 @@ def time_cli(repeat: int) -> float:
     )
 
 
-def run(count: int, repeat: int, output: Path | None) -> dict:
+def time_site(catalog_dir: Path, repeat: int, warm_up: bool = True) -> float:
+    """Wall clock of ``mkdocs build`` for a catalog (pages generated from it)."""
+    env = {
+        **os.environ,
+        "ATC_CATALOG": str(catalog_dir),
+        "DISABLE_MKDOCS_2_WARNING": "true",
+        "NO_MKDOCS_2_WARNING": "1",
+    }
+    with tempfile.TemporaryDirectory() as site_dir:
+        command = [sys.executable, "-m", "mkdocs", "build", "--quiet", "-d", site_dir]
+        return median_seconds(
+            lambda: subprocess.run(
+                command, cwd=paths.ROOT, env=env, check=True, capture_output=True
+            ),
+            repeat,
+            warm_up,
+        )
+
+
+def run(count: int, repeat: int, output: Path | None, site: bool = True) -> dict:
     runs = [time_catalog(paths.CATALOG, repeat)]
     runs[0]["cli_render_check_s"] = round(time_cli(repeat), 4)
+    if site:
+        runs[0]["site_build_s"] = round(time_site(paths.CATALOG, repeat), 2)
     with tempfile.TemporaryDirectory() as tmp:
         generate_catalog(Path(tmp), count)
         runs.append(time_catalog(Path(tmp), max(1, repeat // 2)))
+        if site:
+            # A single cold build: a large site takes a while.
+            runs[-1]["site_build_s"] = round(time_site(Path(tmp), 1, warm_up=False), 2)
     result = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {
@@ -108,6 +143,8 @@ def run(count: int, repeat: int, output: Path | None) -> dict:
         "repeat": repeat,
         "runs": runs,
     }
+    result["machine"]["mkdocs_material"] = _version("mkdocs-material")
+    result["machine"]["mkdocs"] = _version("mkdocs")
     for row in runs:
         cells = "  ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "papers")
         print(f"{row['papers']:>6} papers  {cells}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import sys
 import time
 from pathlib import Path
@@ -55,12 +54,6 @@ def _outputs(args, catalog: Catalog) -> dict[Path, str]:
         Path(args.catalog) / paths.SCHEMA_FILENAME: _schema_text(catalog),
         Path(args.readme): _readme_text(args, catalog),
     }
-    if paths.CATALOG_BENCH.is_file():
-        from tools.templating import environment
-
-        result = json.loads(paths.CATALOG_BENCH.read_text(encoding="utf-8"))
-        template = environment().get_template("catalog_performance.md.j2")
-        outputs[paths.DOCS / "catalog-performance.md"] = template.render(result=result)
     return outputs
 
 
@@ -134,7 +127,7 @@ def cmd_new(args) -> int:
 def cmd_bench_catalog(args) -> int:
     from tools.bench_catalog import run
 
-    run(args.papers, args.repeat, Path(args.output) if args.output else None)
+    run(args.papers, args.repeat, Path(args.output) if args.output else None, site=not args.no_site)
     return 0
 
 
@@ -204,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--papers", type=int, default=5000, help="size of the generated catalog")
     p.add_argument("--repeat", type=int, default=5, help="timed runs per step")
     p.add_argument("-o", "--output", metavar="FILE", help="write the results as JSON")
+    p.add_argument("--no-site", action="store_true", help="skip the mkdocs build timings")
     p.set_defaults(func=cmd_bench_catalog)
     return parser
 

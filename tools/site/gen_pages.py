@@ -1,0 +1,52 @@
+"""mkdocs-gen-files script: write every catalog-derived page into the build.
+
+Run by ``mkdocs build`` (see ``mkdocs.yml``); nothing here is committed. The
+catalog directory can be overridden with ``ATC_CATALOG`` (the tests build a
+site from a crafted catalog that way).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mkdocs_gen_files
+
+from tools import paths
+from tools.loader import load_catalog
+from tools.problems import CatalogInvalid
+from tools.site import pages
+from tools.site.feed import render_feed
+
+
+def write(path: str, text: str) -> None:
+    with mkdocs_gen_files.open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def main() -> None:
+    root = Path(os.environ.get("ATC_CATALOG", paths.CATALOG))
+    try:
+        catalog = load_catalog(root, paths.REFERENCE)
+    except CatalogInvalid as exc:
+        raise SystemExit("\n".join(map(str, exc.problems))) from None
+    config = mkdocs_gen_files.config
+    options = pages.SiteOptions(edit_base=config["extra"].get("edit_base") or "")
+
+    write("index.md", pages.home_page(catalog))
+    write("papers/index.md", pages.index_page(catalog))
+    for entry in catalog.entries:
+        paper = entry.paper
+        write(f"papers/{paper.id}.md", pages.paper_page(catalog, paper, options))
+        # The entry itself ships with the site: "Edit this page" falls back to it.
+        write(f"catalog/papers/{paper.id}.yaml", entry.path.read_text(encoding="utf-8"))
+        mkdocs_gen_files.set_edit_path(f"papers/{paper.id}.md", f"catalog/papers/{paper.id}.yaml")
+    write("taxonomy.md", pages.taxonomy_page(catalog))
+    write("SUMMARY.md", pages.summary_nav())
+    write("feed.xml", render_feed(catalog, config["site_url"] or "http://127.0.0.1:8000/"))
+    for path, text in pages.downloads(catalog).items():
+        write(path, text)
+    write("performance.md", pages.performance_page(paths.CATALOG_BENCH))
+
+
+main()
