@@ -43,9 +43,11 @@ def ensure_env() -> None:
     if not PYTHON.exists():
         print(f"+ creating {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
-    # torch==2.13.0 is pinned in pyproject.toml: the CPU wheel that lies on the
-    # project machines' disk. Installing it first keeps pip from resolving a CUDA build.
-    run(PYTHON, "-m", "pip", "install", "--quiet", "torch==2.13.0")
+    # torch 2.14.1 + torchvision 0.29.1 lie on the project machines' disk (a CUDA
+    # build that runs on the CPU, ~5.5 GB installed): timm's parity test needs
+    # torchvision, which does not import beside the 2.13.0 CPU wheel. Installing the
+    # pair first keeps pip from resolving anything newer from the index.
+    run(PYTHON, "-m", "pip", "install", "--quiet", "torch==2.14.1", "torchvision==0.29.1")
     run(PYTHON, "-m", "pip", "install", "--quiet", "-e", ".[test]")
     STAMP.write_text(wanted + "\n")
 

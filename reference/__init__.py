@@ -1,6 +1,33 @@
 """Reference implementations of the catalog's token-reduction methods.
 
-One module per paper, named after its catalog id (``reference/<id>.py``); a
-catalog entry names its module in ``reference:`` and ``python -m tools validate``
-checks that the module exists.
+One module per paper, named after its catalog id (``reference/<id>.py``); the
+catalog entry names its module in ``reference:`` and the module names its
+entry with ``catalog_id``; ``python -m tools validate`` checks both directions,
+and ``python -m tools refs`` lists them.
+
+The contract (``reference.core``):
+
+- A method is a ``TokenReducer`` (an ``nn.Module``) built with its budget: a
+  number of tokens removed per layer ``r``, a keep ratio or a keep count,
+  depending on the paper.
+- It is called as ``method(x, signals)`` with tokens ``x [B, N, C]`` and a
+  ``Signals`` record: the number of protected prefix tokens (CLS,
+  distillation), token sizes ``[B, N, 1]``, and the signals it declares in
+  ``needs``: head-averaged keys ``[B, N, D]``, the CLS attention row
+  ``[B, H, N]``, full attention maps ``[B, H, N, N]`` or values, plus a
+  per-forward ``state`` dict for methods that carry state across layers.
+- It returns a ``Reduction``: the reduced tokens ``[B, N', C]`` with the prefix
+  unchanged in front, token sizes for proportional attention, ``index``
+  (the input token each output continues) and ``assign`` (the output slot each
+  input token went to, ``-1`` if dropped), and for training paths that keep
+  the token count fixed, a soft or hard keep ``mask``.
+- Learned parts are parameters of the module, with a training path
+  (``module.train()``: soft or Gumbel-softmax masks) and an inference path
+  (``module.eval()``: hard selection, fewer tokens).
+- ``where`` says where the host calls it: ``"mid"`` (after attention, before
+  the MLP, as ToMe and EViT) or ``"pre"`` (before the block's attention).
+
+The host (``reference.vit``) is a ViT whose ``state_dict`` matches timm's
+``VisionTransformer``; ``vit.apply(model, {layer: method, ...})`` attaches
+methods to blocks (ToMe's ``apply_patch``).
 """

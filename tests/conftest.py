@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,9 @@ def ws(tmp_path) -> Workspace:
     work.reference.mkdir()
     shutil.copy(paths.CATALOG / "taxonomy.yaml", work.catalog / "taxonomy.yaml")
     for paper_id in SAMPLE_IDS:
-        shutil.copy(paths.CATALOG / "papers" / f"{paper_id}.yaml", work.entry_path(paper_id))
+        text = (paths.CATALOG / "papers" / f"{paper_id}.yaml").read_text(encoding="utf-8")
+        # The workspace has no reference modules: unlink the entries from them.
+        text = re.sub(r"(?m)^reference: .*$", "reference: null", text)
+        work.entry_path(paper_id).write_text(text, encoding="utf-8")
     shutil.copy(paths.README, work.readme)
     return work

@@ -187,7 +187,7 @@ def test_reference_module_must_exist(ws, cli):
     path.write_text(path.read_text(encoding="utf-8").replace("reference: null", "reference: tome"))
     result = cli("validate", *ws.args())
     assert result.code == 1 and "reference: no module reference/tome.py" in result.err
-    (ws.reference / "tome.py").write_text('"""ToMe."""\n')
+    (ws.reference / "tome.py").write_text('class ToMe:\n    catalog_id = "tome"\n')
     assert cli("validate", *ws.args()).code == 0
 
 
@@ -201,3 +201,16 @@ def test_clean_catalog_prints_one_line_and_exits_0(ws, cli):
     result = cli("validate", *ws.args())
     assert result.code == 0
     assert result.out.count("\n") == 1 and "3 papers" in result.out
+
+
+def test_module_and_entry_must_name_each_other(ws, cli):
+    module = ws.reference / "tome.py"
+    module.write_text('class ToMe:\n    catalog_id = "evit"\n', encoding="utf-8")
+    path = ws.entry_path("tome")
+    path.write_text(path.read_text(encoding="utf-8").replace("reference: null", "reference: tome"))
+    result = cli("validate", *ws.args())
+    assert result.code == 1
+    assert "reference: reference/tome.py declares no class with catalog_id = 'tome'" in result.err
+    assert f"{module}:2: catalog_id: catalog/papers/evit.yaml should say `reference: tome`" in (
+        result.err
+    )

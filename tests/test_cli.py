@@ -35,5 +35,6 @@ def test_real_process_exit_codes(ws):
 
 
 def test_generated_benchmark_catalog_is_valid(tmp_path):
-    generate_catalog(tmp_path, 30)
-    assert len(load_catalog(tmp_path, paths.REFERENCE).entries) == 30
+    generate_catalog(tmp_path / "catalog", 30)
+    (tmp_path / "reference").mkdir()
+    assert len(load_catalog(tmp_path / "catalog", tmp_path / "reference").entries) == 30

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -45,6 +46,7 @@ def build_site(target: Path, catalog_dir: Path | None = None) -> None:
     env = {**os.environ, "DISABLE_MKDOCS_2_WARNING": "true", "NO_MKDOCS_2_WARNING": "1"}
     if catalog_dir:
         env["ATC_CATALOG"] = str(catalog_dir)
+        env["ATC_REFERENCE"] = str(catalog_dir / "no-modules")
     command = [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "-d", str(target)]
     result = subprocess.run(command, cwd=paths.ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -242,9 +244,15 @@ def hostile_site(tmp_path_factory):
     catalog = tmp_path_factory.mktemp("catalog")
     (catalog / "papers").mkdir()
     shutil.copy(paths.CATALOG / "taxonomy.yaml", catalog / "taxonomy.yaml")
+    (catalog / "no-modules").mkdir()
+
+    def unlinked(paper_id: str) -> str:
+        text = (paths.CATALOG / "papers" / f"{paper_id}.yaml").read_text(encoding="utf-8")
+        return re.sub(r"(?m)^reference: .*$", "reference: null", text)
+
     for paper_id in ("evit", "fastv"):
-        shutil.copy(paths.CATALOG / "papers" / f"{paper_id}.yaml", catalog / "papers")
-    text = (paths.CATALOG / "papers" / "tome.yaml").read_text(encoding="utf-8")
+        (catalog / "papers" / f"{paper_id}.yaml").write_text(unlinked(paper_id), encoding="utf-8")
+    text = unlinked("tome")
     text = text.replace(
         'title: "Token Merging: Your ViT But Faster"', f'title: "{HOSTILE["title"]}"'
     )

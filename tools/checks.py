@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from tools.problems import Problem
+from tools.refs import check_references
 from tools.schema import FIELD_ORDER
 from tools.taxonomy import Taxonomy
 
@@ -135,6 +136,7 @@ def check_catalog(entries: list[Entry], taxonomy: Taxonomy, reference_dir: Path)
                 )
             )
 
+    problems += check_references(entries, reference_dir)
     problems += _duplicates(entries, lambda e: [e.paper.arxiv], "arxiv", "arXiv id")
     problems += _duplicates(entries, lambda e: [e.paper.openreview], "openreview", "OpenReview id")
     problems += _duplicates(entries, lambda e: [e.paper.reference], "reference", "module")

@@ -124,6 +124,39 @@ def cmd_new(args) -> int:
     return 0
 
 
+def cmd_refs(args) -> int:
+    from reference import registry
+
+    for entry in registry.entries(args.pattern):
+        print(f"{entry.catalog_id}\t{entry.module}\t{entry.kind}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from tools.bench_reference import run as run_bench
+
+    output = Path(
+        args.output or paths.DOCS / "benchmarks" / f"reference-{args.device.split(':')[0]}.json"
+    )
+    result = run_bench(
+        args.device,
+        tuple(args.models.split(",")),
+        tuple(int(b) for b in args.batch.split(",")),
+        args.methods,
+        args.repeat,
+        args.warmup,
+        output,
+    )
+    for row in result["results"]:
+        print(
+            f"{row['model']:24} b{row['batch']:<3} {row['method']:22} "
+            f"{row['base_img_s']:8.1f} -> {row['img_s']:8.1f} img/s  x{row['speedup']:.2f}  "
+            f"op {row['op_ms']:.3f} ms  {row['base_gflops']:.1f} -> {row['gflops']:.1f} GFLOPs"
+        )
+    print(f"{output}: written")
+    return 0
+
+
 def cmd_bench_catalog(args) -> int:
     from tools.bench_catalog import run
 
@@ -188,6 +221,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arxiv", required=True, metavar="ID", help="arXiv id or abs/pdf URL")
     p.add_argument("--id", help="catalog id (default: derived from the title)")
     p.add_argument("--offline", action="store_true", help="do not call the arXiv API")
+    p = sub.add_parser(
+        "bench",
+        help="Time the reference implementations on the ViT host (writes a results file).",
+        description="Time each method's operator and the host's throughput with and without "
+        "it, at ViT-S/16 and ViT-B/16 224 shapes, in the paper's setting; FLOPs and (CUDA) "
+        "peak memory. Results go to docs/benchmarks/reference-<device>.json.",
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--models", default="vit_small_patch16_224,vit_base_patch16_224")
+    p.add_argument("--batch", default="1,8", help="batch sizes (default: %(default)s)")
+    p.add_argument("--methods", default="*", help="catalog ids to time (wildcards)")
+    p.add_argument("--repeat", type=int, default=5, help="timed runs (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=1, help="discarded runs before each timing")
+    p.add_argument("-o", "--output", metavar="FILE", help="results file")
+    p.set_defaults(func=cmd_bench)
+    p = sub.add_parser(
+        "refs",
+        help="List the reference implementations: id, module, kind (tab-separated).",
+        description="List the registered reference implementations as "
+        "catalog-id<TAB>module<TAB>kind.",
+    )
+    p.add_argument("pattern", nargs="?", default="*", help="catalog ids to list (wildcards)")
+    p.set_defaults(func=cmd_refs)
     p = sub.add_parser(
         "bench-catalog",
         help="Time validate, render and export on the real and a generated catalog.",

@@ -1,8 +1,8 @@
 """mkdocs-gen-files script: write every catalog-derived page into the build.
 
 Run by ``mkdocs build`` (see ``mkdocs.yml``); nothing here is committed. The
-catalog directory can be overridden with ``ATC_CATALOG`` (the tests build a
-site from a crafted catalog that way).
+catalog and reference directories can be overridden with ``ATC_CATALOG`` and
+``ATC_REFERENCE`` (the tests and the benchmark build sites from other catalogs).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import mkdocs_gen_files
 from tools import paths
 from tools.loader import load_catalog
 from tools.problems import CatalogInvalid
-from tools.site import pages
+from tools.site import pages, reference_pages
 from tools.site.feed import render_feed
 
 
@@ -26,8 +26,9 @@ def write(path: str, text: str) -> None:
 
 def main() -> None:
     root = Path(os.environ.get("ATC_CATALOG", paths.CATALOG))
+    reference_dir = Path(os.environ.get("ATC_REFERENCE", paths.REFERENCE))
     try:
-        catalog = load_catalog(root, paths.REFERENCE)
+        catalog = load_catalog(root, reference_dir)
     except CatalogInvalid as exc:
         raise SystemExit("\n".join(map(str, exc.problems))) from None
     config = mkdocs_gen_files.config
@@ -46,7 +47,19 @@ def main() -> None:
     write("feed.xml", render_feed(catalog, config["site_url"] or "http://127.0.0.1:8000/"))
     for path, text in pages.downloads(catalog).items():
         write(path, text)
-    write("performance.md", pages.performance_page(paths.CATALOG_BENCH))
+    results = reference_pages.load_results(paths.CATALOG_BENCH.parent)
+    write("performance.md", pages.performance_page(paths.CATALOG_BENCH, results))
+    for device, result in results.items():
+        with mkdocs_gen_files.open(f"performance/speedup-{device}.png", "wb") as handle:
+            handle.write(reference_pages.speedup_plot(result))
+    modules = reference_pages.read_modules(reference_dir)
+    contract = reference_pages.package_docstring(paths.REFERENCE)
+    write("reference/index.md", pages.reference_index_page(catalog, modules, contract))
+    papers = {p.id: p for p in catalog.papers}
+    for module in modules:
+        if module.catalog_id in papers:
+            page = pages.reference_module_page(module, papers[module.catalog_id], results)
+            write(f"reference/{module.name}.md", page)
 
 
 main()

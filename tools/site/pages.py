@@ -22,6 +22,7 @@ from tools.export_json import render_json
 from tools.loader import Catalog
 from tools.markdown import md_escape
 from tools.schema import PaperBase
+from tools.site.reference_pages import describe_setting
 
 FACETS = ("modality", "target", "stage", "mechanism", "training")
 RECENT = 12
@@ -43,6 +44,7 @@ def site_environment() -> jinja2.Environment:
         lstrip_blocks=True,
     )
     env.filters["mdtext"] = mdtext
+    env.filters["setting"] = describe_setting
     env.filters["yaml_str"] = lambda value: Markup(json.dumps(str(value), ensure_ascii=False))
     return env
 
@@ -130,12 +132,41 @@ def taxonomy_page(catalog: Catalog) -> str:
     return _render("taxonomy.md.j2", taxonomy=catalog.taxonomy, facets=FACETS, by_term=by_term)
 
 
-def performance_page(catalog_bench: Path) -> str:
+def performance_page(catalog_bench: Path, reference_results: dict[str, dict]) -> str:
     """Timing tables from the committed benchmark results; says so when none exist."""
     result = None
     if catalog_bench.is_file():
         result = json.loads(catalog_bench.read_text(encoding="utf-8"))
-    return _render("performance.md.j2", result=result)
+    return _render("performance.md.j2", result=result, reference=reference_results)
+
+
+def reference_index_page(catalog: Catalog, modules: list, contract: str) -> str:
+    papers = {p.id: p for p in catalog.papers}
+    return _render(
+        "reference_index.md.j2",
+        modules=[m for m in modules if m.catalog_id in papers],
+        papers=papers,
+        contract=Markup(contract),
+    )
+
+
+def reference_module_page(module, paper: PaperBase, results: dict[str, dict]) -> str:
+    rows = [
+        (device, r)
+        for device, data in sorted(results.items())
+        for r in data["results"]
+        if r["method"] == module.catalog_id
+    ]
+    module = module.__class__(
+        **{
+            **module.__dict__,
+            "docstring": Markup(module.docstring),
+            "source": Markup(module.source),
+        }
+    )
+    return _render(
+        "reference_module.md.j2", module=module, paper=paper, rows=rows, gpu="cuda" in results
+    )
 
 
 def summary_nav() -> str:

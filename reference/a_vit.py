@@ -1,0 +1,154 @@
+"""A-ViT: Adaptive Tokens for Efficient Vision Transformer.
+
+Paper: "A-ViT: Adaptive Tokens for Efficient Vision Transformer",
+https://arxiv.org/abs/2112.07658
+Official code: https://github.com/NVlabs/A-ViT
+(``timm/models/act_vision_transformer.py``: ``Block_ACT.forward_act``,
+``VisionTransformer.forward_features_act_token``)
+
+Algorithm (Adaptive Computation Time per token):
+1. After every block, token k gets a halting score ``h_k = sigmoid(gamma * t_k[0] -
+   beta)`` read from the first channel of its embedding (no extra parameters).
+2. Halting scores add up over the blocks; a token halts (is no longer processed
+   nor attended to) once its cumulative score reaches ``1 - eps``.
+3. Training keeps the count fixed and masks halted tokens; the ponder loss
+   ``rho_k = N_k + r_k`` (blocks run plus the remainder ``r_k = 1 - sum of the earlier
+   h``) and a distributional prior on the halting layer push tokens to halt early.
+
+Deviations from the official code:
+- Hook: ``"pre"`` of every block from the second on: the step reads the output of
+  the previous block, so a token that halts there skips all later blocks, as in
+  the official loop. The cumulative score, remainder and ponder cost live in
+  ``signals.state["a_vit"]``, so attach A-ViT to consecutive blocks and to no other
+  method. The official last block forces every token to halt; not reproduced.
+- Prefix tokens never halt (the official code halts the CLS token like the others
+  and classifies from its halting-weighted average over the blocks; the host
+  classifies from the last CLS state, so that average is not formed).
+- Batches: every image drops exactly its halted tokens; the batch is padded to the
+  largest count with *empty slots* (x 0, size 0, index -1, ``Reduction.mask`` 0)
+  after each image's own tokens. With the host's proportional attention (log-size
+  bias) empty slots get no attention, like the official masked (-1000 bias) halted
+  tokens; without it they are attended. Empty slots count as halted later on.
+  (The padding helper ``keep_padded`` is shared with ``adaptive_sparse_vit``.)
+- ``max_keep`` (default 1.0, i.e. off) caps the running fraction of an image's
+  tokens entering a step, halting those with the largest cumulative score first;
+  it is not in the paper and only gives ``budget`` an upper bound below ``n``.
+- Inference removes halted tokens; the official code masks them (zeroed, -1000
+  attention bias) in training and evaluation alike and never shortens the batch.
+- Training: the host cannot mask attention, so halted tokens are not zeroed nor
+  removed; the running mask is returned in ``Reduction.mask`` for a host that
+  masks attention. The ponder cost ``state["a_vit"]["ponder"]`` keeps its gradient
+  for the ponder loss; the losses (ponder, distributional prior) are not
+  implemented here. Cumulative scores are kept in float32.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from reference.adaptive_sparse_vit import cap_keep, keep_padded
+from reference.core import Reduction, Signals, TokenReducer, identity
+from reference.registry import register
+
+
+def halting_scores(x: Tensor, prefix: int, gate_scale: float, gate_center: float) -> Tensor:
+    """``h = sigmoid(gate_scale * x[..., 0] - gate_center)`` in float32; 0 for the prefix.
+
+    Args:
+        x: ``[B, N, C]`` tokens (the output of the block that just ran).
+
+    Returns:
+        ``[B, N]`` halting scores.
+    """
+    h = torch.sigmoid(gate_scale * x[..., 0].float() - gate_center)  # [B, N]
+    is_prefix = torch.arange(x.shape[1], device=x.device) < prefix
+    return h.masked_fill(is_prefix, 0.0)
+
+
+def halting_step(
+    h: Tensor, running: Tensor, state: dict[str, Tensor], eps: float, max_keep: float, prefix: int
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """One ACT step for every token.
+
+    Args:
+        h: ``[B, N]`` halting scores of the block that just ran.
+        running: ``[B, N]`` bool, tokens that block processed.
+        state: ``cumulative``, ``remainder``, ``ponder``, each ``[B, N]``.
+        eps: a token halts once its cumulative score reaches ``1 - eps``.
+        max_keep: at most this fraction of the running non-prefix tokens keeps running.
+
+    Returns:
+        ``[B, N]`` bool tokens still running, and the updated state.
+    """
+    cumulative = state["cumulative"] + h * running
+    still = running & (cumulative < 1 - eps)
+    # The cap halts the tokens closest to halting first.
+    still_rest = cap_keep(still[:, prefix:], -cumulative[:, prefix:], max_keep, running[:, prefix:])
+    still = torch.cat([still[:, :prefix], still_rest], dim=1)
+    halted_now = running & ~still
+    # Ponder cost rho = N + r: one per block run, plus the remainder when halting.
+    ponder = state["ponder"] + running + state["remainder"] * halted_now
+    remainder = state["remainder"] - h * still
+    return still, {"cumulative": cumulative, "remainder": remainder, "ponder": ponder}
+
+
+@register
+class AViT(TokenReducer):
+    """Halt tokens whose cumulative halting score reached ``1 - eps``."""
+
+    catalog_id = "a_vit"
+    kind = "adaptive-computation"
+    needs = frozenset()
+    where = "pre"
+
+    test_configs: ClassVar[dict[str, dict]] = {
+        "zero": {"gate_center": 1e4},
+        "some": {"gate_scale": 10.0, "gate_center": 0.0, "max_keep": 0.75},
+    }
+
+    def __init__(
+        self,
+        gate_scale: float = 10.0,
+        gate_center: float = 30.0,
+        eps: float = 0.01,
+        max_keep: float = 1.0,
+    ):
+        super().__init__()
+        # Official DeiT-T recipe: gate_scale 10, gate_center 30 (75 for DeiT-S), eps 0.01.
+        self.gate_scale = gate_scale
+        self.gate_center = gate_center
+        self.eps = eps
+        self.max_keep = max_keep
+
+    def budget(self, n: int, prefix: int) -> tuple[int, int]:
+        return prefix, prefix + int(self.max_keep * (n - prefix))
+
+    def forward(self, x: Tensor, signals: Signals) -> Reduction:
+        b, n, _ = x.shape
+        prefix, size = signals.prefix, signals.size
+        state = signals.state.get("a_vit")
+        if state is None or state["cumulative"].shape != (b, n):
+            zeros = x.new_zeros(b, n, dtype=torch.float32)
+            state = {
+                "cumulative": zeros,
+                "remainder": zeros + 1,
+                "ponder": zeros,
+                "running": size[..., 0] > 0,
+            }
+        running = state["running"] if self.training else size[..., 0] > 0  # [B, N]
+        h = halting_scores(x, prefix, self.gate_scale, self.gate_center)
+        still, new = halting_step(h, running, state, self.eps, self.max_keep, prefix)
+        if self.training:
+            signals.state["a_vit"] = {**new, "running": still}
+            ar = torch.arange(n, device=x.device).expand(b, n)
+            return Reduction(x=x, size=size, index=ar, assign=ar, mask=still.to(x.dtype))
+        if bool(still.all()):
+            signals.state["a_vit"] = {**new, "running": still}
+            return identity(x, size)
+        out = keep_padded(x, size, prefix, still[:, prefix:])
+        src = out.index.clamp_min(0)  # empty slots read token 0 and are masked by size 0
+        signals.state["a_vit"] = {k: v.gather(1, src) for k, v in {**new, "running": still}.items()}
+        return out

@@ -1,0 +1,169 @@
+"""ATS: Adaptive Token Sampling.
+
+Paper: "Adaptive Token Sampling For Efficient Vision Transformers",
+https://arxiv.org/abs/2111.15667
+Official code: https://github.com/adaptivetokensampling/ATS
+(``libs/models/transformers/ats_block.py``: ``AdaptiveTokenSampler``)
+
+Algorithm (parameter-free, per image):
+1. Significance score of image token j: the CLS attention to it (summed over
+   heads) times the norm of its value vector, normalized over the image tokens.
+2. Sort the scores ascending and build their cumulative distribution (CDF),
+   min-max normalized to [0, 1].
+3. Inverse transform sampling: ``K`` evenly spaced levels on the CDF axis each
+   pick the token whose CDF is nearest; duplicates collapse, so an image keeps
+   at most ``K`` tokens, fewer when its scores are peaked (adaptive count).
+
+Deviations from the official code:
+- Hook: ``"mid"``. The official sampler drops the attention rows of unsampled
+  tokens before ``attn @ v``; removing those tokens right after the attention is
+  the same computation (their rows are computed and discarded).
+- ``k`` is the number of CDF levels, i.e. at most ``k`` image tokens are kept,
+  as in the paper. The released code always draws ``n_ref_tokens - 1`` levels
+  (the input length) and clamps the budget to at least 8 tokens; neither is
+  reproduced (tiny test inputs have 16 tokens).
+- Batches: the official code zero-pads every image to the batch maximum and
+  masks the padding out of later attention (``policy``). The host has no
+  attention mask, so each image is padded with its highest-scoring *unsampled*
+  real tokens instead, after its sampled ones; ``Reduction.mask`` marks them 0.
+  A batch of one (or of equal counts) has no filler and ``mask`` is None.
+- Scores and the CDF are computed in float32 whatever the input dtype, so
+  bfloat16 does not collapse nearby CDF levels.
+- All ``prefix`` tokens are protected and excluded from the scores.
+- Kept tokens are returned in spatial order (the official code sorts them by
+  score), and keep their ``size``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from reference.core import Reduction, Signals, TokenReducer, gather_tokens, identity
+from reference.registry import register
+
+
+def significance_scores(cls_attn: Tensor, values: Tensor, prefix: int) -> Tensor:
+    """Normalized significance ``S_j = A_cls,j * ||v_j|| / sum_i A_cls,i * ||v_i||``.
+
+    Args:
+        cls_attn: ``[B, H, N]`` attention of the CLS query.
+        values: ``[B, H, N, D]`` attention values.
+
+    Returns:
+        ``[B, N - prefix]`` float32 scores that sum to one per image.
+    """
+    attn = cls_attn.float().sum(dim=1)  # [B, N]
+    # 'b h n d -> b n (h d)': the norm of the full value vector, all heads together
+    v_norm = values.float().transpose(1, 2).flatten(2).norm(dim=-1)  # [B, N]
+    score = (attn * v_norm)[:, prefix:]
+    return score / score.sum(dim=1, keepdim=True).clamp_min(torch.finfo(score.dtype).tiny)
+
+
+def inverse_transform_sampling(score: Tensor, k: int) -> Tensor:
+    """Tokens picked by ``k`` evenly spaced levels of the score CDF.
+
+    Args:
+        score: ``[B, M]`` significance scores.
+        k: number of CDF levels (at most ``k`` distinct tokens are picked).
+
+    Returns:
+        ``[B, M]`` boolean mask of the sampled tokens.
+    """
+    sorted_score, order = score.sort(dim=1)  # ascending, as in the paper's CDF
+    cdf = sorted_score.cumsum(dim=1)  # [B, M]
+    lo, hi = cdf[:, :1], cdf[:, -1:]
+    cdf = (cdf - lo) / (hi - lo).clamp_min(torch.finfo(cdf.dtype).eps)
+    # Levels run from the smallest positive CDF value up to 1 (official create_ys),
+    # so the least significant token (CDF 0) is never picked.
+    start = torch.where(cdf > 0, cdf, torch.inf).min(dim=1, keepdim=True).values
+    start = torch.where(torch.isfinite(start), start, torch.ones_like(start))
+    steps = torch.linspace(0, 1, k, device=score.device, dtype=cdf.dtype)
+    if k == 1:
+        steps = torch.ones_like(steps)  # a single level takes the most significant token
+    levels = start + (1 - start) * steps  # [B, k]
+    # Nearest CDF value for each level; ties go to the lower index (argmin).
+    picked = (levels.unsqueeze(2) - cdf.unsqueeze(1)).abs().argmin(dim=2)  # [B, k]
+    hit = torch.zeros_like(cdf, dtype=torch.bool).scatter(1, picked, True)  # sorted order
+    return torch.zeros_like(hit).scatter(1, order, hit)  # original order
+
+
+def adaptive_token_sampling(
+    x: Tensor, size: Tensor, cls_attn: Tensor, values: Tensor, prefix: int, k: int
+) -> Reduction:
+    """Keep the prefix and the image tokens ATS samples from ``x [B, N, C]``.
+
+    Each image keeps its own number of sampled tokens; the batch is padded to the
+    largest count with that image's best unsampled tokens (``mask`` 0).
+    """
+    b, n, _ = x.shape
+    m = n - prefix
+    if m <= 1:
+        return identity(x, size)
+    with torch.no_grad():
+        score = significance_scores(cls_attn, values, prefix)  # [B, M]
+        sampled = inverse_transform_sampling(score, min(k, m))  # [B, M]
+        count = sampled.sum(dim=1)  # [B]
+        width = int(count.max())
+        # Order: sampled tokens by position, then fillers by descending score.
+        rank = torch.empty_like(score, dtype=torch.long).scatter_(
+            1, score.argsort(dim=1), torch.arange(m, device=x.device).expand(b, m)
+        )  # ascending rank of each token
+        pos = torch.arange(m, device=x.device).expand(b, m)
+        key = torch.where(sampled, pos, 2 * m - 1 - rank)
+        sel = key.argsort(dim=1)[:, :width]  # [B, width]
+    pre = torch.arange(prefix, device=x.device).expand(b, prefix)
+    index = torch.cat([pre, sel + prefix], dim=1)  # [B, prefix + width]
+    assign = torch.full((b, n), -1, dtype=torch.long, device=x.device)
+    assign.scatter_(1, index, torch.arange(index.shape[1], device=x.device).expand(b, -1))
+    mask = None
+    if bool((count < width).any()):
+        keep = torch.cat([torch.ones_like(pre, dtype=torch.bool), sampled.gather(1, sel)], 1)
+        mask = keep.to(x.dtype)
+    return Reduction(
+        x=gather_tokens(x, index),
+        size=gather_tokens(size, index),
+        index=index,
+        assign=assign,
+        mask=mask,
+    )
+
+
+@register
+class ATS(TokenReducer):
+    """Adaptive token sampling with at most ``k`` image tokens (``None``: off)."""
+
+    catalog_id = "ats"
+    kind = "pruning"
+    needs = frozenset({"cls_attn", "values"})
+    where = "mid"
+
+    test_configs: ClassVar[dict[str, dict]] = {"zero": {"k": None}, "some": {"k": 8}}
+
+    def __init__(self, k: int | float | None = None):
+        """``k``: at most this many image tokens, or a fraction of them if a float <= 1."""
+        super().__init__()
+        self.k = k
+
+    def levels(self, m: int) -> int | None:
+        if self.k is None:
+            return None
+        if isinstance(self.k, float) and self.k <= 1:
+            return max(1, round(self.k * m))
+        return max(1, min(int(self.k), m))
+
+    def budget(self, n: int, prefix: int) -> tuple[int, int]:
+        k = self.levels(n - prefix)
+        if k is None or n - prefix <= 1:
+            return n, n
+        return prefix + 1, prefix + k
+
+    def forward(self, x: Tensor, signals: Signals) -> Reduction:
+        k = self.levels(x.shape[1] - signals.prefix)
+        if k is None:
+            return identity(x, signals.size)
+        return adaptive_token_sampling(
+            x, signals.size, signals.cls_attn, signals.values, signals.prefix, k
+        )

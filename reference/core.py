@@ -1,0 +1,137 @@
+"""The shared contract of every reference implementation.
+
+A method reduces tokens ``x [B, N, C]`` whose first ``prefix`` tokens (CLS,
+distillation) are protected: they stay, unchanged and in place. It reads the
+signals it needs from ``Signals`` and returns a ``Reduction`` that tells the
+caller how to follow the tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class Signals:
+    """What a block exposes to a method at its hook.
+
+    Attributes:
+        prefix: number of protected prefix tokens at the front of ``x``.
+        size: ``[B, N, 1]`` how many input patches each token stands for.
+        keys: ``[B, N, D]`` attention keys averaged over heads (ToMe's metric).
+        cls_attn: ``[B, H, N]`` attention of the CLS query to every token.
+        attn: ``[B, H, N, N]`` full attention probabilities; only computed for
+            methods that declare ``needs = {"attn"}``.
+        values: ``[B, H, N, D]`` attention values (``needs = {"values"}``).
+        layer: index of the block the hook belongs to.
+        state: per-forward scratch space a method may use to carry its own
+            state across layers (e.g. A-ViT's halting scores, a keep mask).
+    """
+
+    prefix: int
+    size: Tensor
+    keys: Tensor | None = None
+    cls_attn: Tensor | None = None
+    attn: Tensor | None = None
+    values: Tensor | None = None
+    layer: int = 0
+    state: dict = field(default_factory=dict)
+
+
+@dataclass
+class Reduction:
+    """The result of one reduction step.
+
+    Attributes:
+        x: ``[B, N', C]`` the reduced tokens; the prefix tokens come first.
+        size: ``[B, N', 1]`` token sizes after the step (for proportional attention).
+        index: ``[B, N']`` for each output token, the input token it continues
+            (the kept token, or the destination of a merge); ``-1`` for a token
+            the step created (a fused or summary token).
+        assign: ``[B, N]`` for each input token, the output slot it went into;
+            ``-1`` when it was dropped without being merged anywhere.
+        mask: ``[B, N']`` soft or hard keep weights for training paths that keep
+            the token count fixed (DynamicViT's Gumbel mask); None otherwise.
+    """
+
+    x: Tensor
+    size: Tensor
+    index: Tensor
+    assign: Tensor
+    mask: Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.x.shape[1]
+
+
+def identity(x: Tensor, size: Tensor) -> Reduction:
+    """The reduction that changes nothing (a zero budget)."""
+    b, n, _ = x.shape
+    ar = torch.arange(n, device=x.device).expand(b, n)
+    return Reduction(x=x, size=size, index=ar, assign=ar)
+
+
+def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """``x [B, N, C]`` at ``index [B, K]`` -> ``[B, K, C]``."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def keep_tokens(x: Tensor, size: Tensor, prefix: int, keep: Tensor) -> Reduction:
+    """Keep the prefix and the non-prefix tokens at ``keep [B, K]`` (indices into x).
+
+    Kept tokens are returned in their original order, so spatial order survives.
+    """
+    b, n, _ = x.shape
+    keep = keep.sort(dim=1).values
+    pre = torch.arange(prefix, device=x.device).expand(b, prefix)
+    index = torch.cat([pre, keep], dim=1)  # [B, prefix + K]
+    assign = torch.full((b, n), -1, dtype=torch.long, device=x.device)
+    slots = torch.arange(index.shape[1], device=x.device).expand(b, -1)
+    assign.scatter_(1, index, slots)
+    return Reduction(
+        x=gather_tokens(x, index), size=gather_tokens(size, index), index=index, assign=assign
+    )
+
+
+class TokenReducer(nn.Module):
+    """Base of every method module.
+
+    Subclasses set ``catalog_id`` (the catalog entry), ``kind`` (a mechanism
+    term of the taxonomy), ``needs`` (signals beyond ``x`` and ``size``:
+    any of ``"keys"``, ``"cls_attn"``, ``"attn"``) and ``where`` (``"mid"``:
+    after attention and before the MLP, the default; ``"pre"``: before the
+    block's attention), and implement ``forward(x, signals) -> Reduction``.
+    """
+
+    catalog_id: str = ""
+    kind: str = ""
+    needs: frozenset[str] = frozenset()
+    where: str = "mid"
+    # Constructor arguments for the shared contract tests: "zero" must be the
+    # identity, "some" must remove tokens from the tiny test inputs.
+    test_configs: ClassVar[dict[str, dict]] = {"zero": {}, "some": {}}
+
+    def forward(self, x: Tensor, signals: Signals) -> Reduction:  # pragma: no cover
+        raise NotImplementedError
+
+    @classmethod
+    def paper_setting(cls, depth: int, dim: int) -> tuple[dict[int, dict], bool]:
+        """The setting the paper reports for a ViT of ``depth`` blocks and width ``dim``.
+
+        Returns constructor kwargs per block index, and whether the host should
+        use proportional attention. Empty: the method is not benchmarked.
+        """
+        return {}, False
+
+    def budget(self, n: int, prefix: int) -> tuple[int, int]:
+        """Fewest and most output tokens for ``n`` input tokens (equal when exact)."""
+        raise NotImplementedError
+
+
+def with_size(signals: Signals, size: Tensor) -> Signals:
+    return replace(signals, size=size)

@@ -1,0 +1,215 @@
+"""A minimal ViT host whose ``state_dict`` matches timm's ``VisionTransformer``.
+
+Modifications against timm's ViT (class-token pooling, no layer scale, no
+register tokens, eval-mode dropout):
+
+- every block has two hook points for a ``TokenReducer``: ``"pre"`` (before the
+  attention) and ``"mid"`` (after the attention, before the MLP, where ToMe and
+  EViT act);
+- attention runs through ``scaled_dot_product_attention``; the signals a
+  method asks for are computed on the side: head-averaged keys, the CLS
+  query's attention row only (one ``[B, H, 1, N]`` product), or the full maps
+  (only for methods that need them);
+- proportional attention (ToMe, Eq. 1): ``softmax(q k^T / sqrt(d) + log s)``
+  with ``s`` the token sizes, switched on by ``proportional_attn``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from reference.core import Reduction, Signals, TokenReducer
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.num_patches = (img_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.proj(images).flatten(2).transpose(1, 2)  # [B, N, C]
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(
+        self, x: Tensor, size: Tensor | None, needs: frozenset[str]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # [B, H, N, D]
+        bias = size.log().to(q.dtype)[:, None, None, :, 0] if size is not None else None
+        signals: dict[str, Tensor] = {}
+        if "attn" in needs:
+            logits = (q * self.scale) @ k.transpose(-2, -1)  # [B, H, N, N]
+            if bias is not None:
+                logits = logits + bias
+            attn = logits.softmax(dim=-1)
+            out = attn @ v
+            signals["attn"] = attn
+            signals["cls_attn"] = attn[:, :, 0]
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            if "cls_attn" in needs:
+                with torch.no_grad():
+                    logits = (q[:, :, :1] * self.scale) @ k.transpose(-2, -1)  # [B, H, 1, N]
+                    if bias is not None:
+                        logits = logits + bias
+                    signals["cls_attn"] = logits.softmax(dim=-1)[:, :, 0]  # [B, H, N]
+        if "keys" in needs:
+            signals["keys"] = k.mean(dim=1)  # [B, N, D]
+        if "values" in needs:
+            signals["values"] = v
+        return self.proj(out.transpose(1, 2).reshape(b, n, c)), signals
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """timm's ``Block`` with the two reduction hooks (see the module docstring)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.reducer: TokenReducer | None = None
+
+    def forward(self, x: Tensor, ctx: HostState) -> Tensor:
+        reducer = self.reducer
+        if reducer is not None and reducer.where == "pre":
+            x = ctx.apply(reducer, x, {})
+            reducer = None
+        needs = reducer.needs if reducer is not None else frozenset()
+        size = ctx.size if ctx.proportional else None
+        out, signals = self.attn(self.norm1(x), size, needs)
+        x = x + out
+        if reducer is not None:
+            x = ctx.apply(reducer, x, signals)
+        return x + self.mlp(self.norm2(x))
+
+
+class HostState:
+    """Per-forward bookkeeping: token sizes, the reductions applied, method state."""
+
+    def __init__(self, x: Tensor, prefix: int, proportional: bool):
+        self.size = x.new_ones(x.shape[0], x.shape[1], 1)
+        self.prefix = prefix
+        self.proportional_wanted = proportional
+        self.proportional = False  # only once sizes differ from one
+        self.layer = 0
+        self.reductions: list[Reduction] = []
+        self.state: dict = {}
+
+    def apply(self, reducer: TokenReducer, x: Tensor, signals: dict[str, Tensor]) -> Tensor:
+        result = reducer(
+            x,
+            Signals(
+                prefix=self.prefix, size=self.size, layer=self.layer, state=self.state, **signals
+            ),
+        )
+        self.size = result.size
+        self.reductions.append(result)
+        if self.proportional_wanted and result.num_tokens != x.shape[1]:
+            self.proportional = True
+        return result.x
+
+
+class VisionTransformer(nn.Module):
+    """ViT with a CLS token; parameter names follow timm so its weights load."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+    ):
+        super().__init__()
+        self.num_prefix_tokens = 1
+        self.embed_dim = embed_dim
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(
+            torch.randn(1, self.patch_embed.num_patches + 1, embed_dim) * 0.02
+        )
+        self.blocks = nn.Sequential(
+            *[Block(embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(depth)]
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes else nn.Identity()
+        self.proportional_attn = False
+        self.last_state: HostState | None = None
+        nn.init.trunc_normal_(self.cls_token, std=1e-6)
+
+    def forward_features(self, images: Tensor) -> Tensor:
+        x = self.patch_embed(images)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        ctx = HostState(x, self.num_prefix_tokens, self.proportional_attn)
+        for layer, block in enumerate(self.blocks):
+            ctx.layer = layer
+            x = block(x, ctx)
+        self.last_state = ctx
+        return self.norm(x)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.forward_features(images)[:, 0])
+
+
+CONFIGS = {
+    "vit_tiny_patch16_224": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small_patch16_224": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base_patch16_224": dict(embed_dim=768, depth=12, num_heads=12),
+    "vit_large_patch16_224": dict(embed_dim=1024, depth=24, num_heads=16),
+}
+
+
+def create(name: str, **overrides) -> VisionTransformer:
+    """A host with timm's shapes for ``name`` (random weights; load timm's to use them)."""
+    return VisionTransformer(**{**CONFIGS[name], **overrides})
+
+
+def apply(
+    model: VisionTransformer, reducers: dict[int, TokenReducer], proportional_attn: bool = False
+) -> VisionTransformer:
+    """Attach one reducer per block index (ToMe's ``apply_patch``); returns the model."""
+    for block in model.blocks:
+        block.reducer = None
+    for layer, reducer in reducers.items():
+        model.blocks[layer].reducer = reducer
+    model.proportional_attn = proportional_attn
+    return model
+
+
+def tokens_after(model: VisionTransformer) -> list[int]:
+    """Token count after each reduction of the last forward."""
+    assert model.last_state is not None, "run a forward first"
+    return [r.num_tokens for r in model.last_state.reductions]
+
+
+__all__ = ["CONFIGS", "Block", "VisionTransformer", "apply", "create", "tokens_after"]

@@ -1,0 +1,47 @@
+"""The benchmark's settings build and run, and `python -m tools bench` writes its results."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from reference import registry, vit
+from tools.bench_reference import build_reducers, run
+
+BENCHMARKED = [e for e in registry.entries() if e.cls.paper_setting(12, 384)[0]]
+
+
+@pytest.mark.parametrize("entry", BENCHMARKED, ids=[e.catalog_id for e in BENCHMARKED])
+def test_paper_setting_runs_on_vit_small(entry):
+    torch.manual_seed(0)
+    host = vit.create("vit_small_patch16_224").eval()
+    reducers, proportional, setting = build_reducers(entry, 12, host.embed_dim)
+    assert setting and all(0 <= int(layer) < 12 for layer in setting)
+    vit.apply(host, reducers, proportional)
+    with torch.no_grad():
+        logits = host(torch.randn(1, 3, 224, 224))
+    assert torch.isfinite(logits).all()
+    assert vit.tokens_after(host)[-1] < 197
+
+
+def test_bench_writes_results_with_device_versions_and_shapes(tmp_path):
+    out = tmp_path / "reference-cpu.json"
+    result = run(
+        "cpu",
+        ("vit_tiny_patch16_224",),
+        (1,),
+        "tome",
+        repeat=1,
+        warmup=0,
+        output=out,
+        progress=False,
+    )
+    saved = json.loads(out.read_text())
+    assert saved == result
+    assert saved["device"]["type"] == "cpu" and saved["versions"]["torch"] == torch.__version__
+    (row,) = saved["results"]
+    assert row["model"] == "vit_tiny_patch16_224" and row["tokens_in"] == 197
+    assert row["tokens_final"] < 197 and row["gflops"] < row["base_gflops"]
+    assert row["speedup"] == pytest.approx(row["base_ms"] / row["method_ms"], rel=1e-2)

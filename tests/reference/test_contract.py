@@ -1,0 +1,106 @@
+"""The contract every registered method keeps (one parametrised test per rule)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reference import registry, vit
+from tests.reference.conftest import B, N, build, make_signals, tiny_host, tokens
+
+ENTRIES = registry.entries()
+IDS = [e.catalog_id for e in ENTRIES]
+
+
+@pytest.fixture(params=ENTRIES, ids=IDS)
+def entry(request):
+    return request.param
+
+
+def run(method, x, prefix=1, seed=0):
+    return method(x, make_signals(x, prefix, seed))
+
+
+def test_budget_is_respected(entry, x):
+    method = build(entry.cls, "some")
+    out = run(method, x)
+    low, high = method.budget(N, 1)
+    assert low <= out.x.shape[1] <= high < N
+    assert out.size.shape == (B, out.x.shape[1], 1) and out.index.shape == out.x.shape[:2]
+    assert out.assign.shape == (B, N)
+    assert torch.isfinite(out.x).all()
+
+
+def test_zero_budget_is_identity(entry, x):
+    out = run(build(entry.cls, "zero"), x)
+    torch.testing.assert_close(out.x, x)
+    assert out.x.shape == x.shape
+
+
+@pytest.mark.parametrize("prefix", [1, 2])
+def test_prefix_tokens_stay_in_place(entry, prefix):
+    x = tokens()
+    out = run(build(entry.cls, "some"), x, prefix=prefix)
+    torch.testing.assert_close(out.x[:, :prefix], x[:, :prefix])
+    assert (out.index[:, :prefix] == torch.arange(prefix)).all()
+
+
+def test_batch_items_get_the_result_they_get_alone(entry, x):
+    method = build(entry.cls, "some")
+    signals = make_signals(x)
+    together = method(x, signals)
+    for i in range(B):
+        alone_signals = type(signals)(
+            prefix=1,
+            size=signals.size[i : i + 1],
+            keys=signals.keys[i : i + 1],
+            cls_attn=signals.cls_attn[i : i + 1],
+            attn=signals.attn[i : i + 1],
+            values=signals.values[i : i + 1],
+        )
+        alone = method(x[i : i + 1], alone_signals)
+        n = alone.x.shape[1]
+        torch.testing.assert_close(together.x[i, :n], alone.x[0], rtol=1e-4, atol=1e-5)
+
+
+def test_inputs_are_not_mutated(entry, x):
+    signals = make_signals(x)
+    before = [t.clone() for t in (x, signals.size, signals.keys, signals.attn)]
+    run(build(entry.cls, "some"), x)
+    build(entry.cls, "some")(x, signals)
+    for old, new in zip(before, (x, signals.size, signals.keys, signals.attn), strict=True):
+        assert torch.equal(old, new)
+
+
+def test_bfloat16(entry):
+    x = tokens(torch.bfloat16)
+    method = build(entry.cls, "some").to(torch.bfloat16)
+    out = run(method, x)
+    assert out.x.dtype == torch.bfloat16 and torch.isfinite(out.x.float()).all()
+
+
+def test_gradients_reach_trainable_parts(entry, x):
+    method = build(entry.cls, "some").train()
+    params = [p for p in method.parameters() if p.requires_grad]
+    x = x.clone().requires_grad_(True)
+    out = run(method, x)
+    (out.x.float().square().mean() + (out.mask.sum() if out.mask is not None else 0)).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    for p in params:
+        assert p.grad is not None, "a trainable parameter gets no gradient"
+
+
+def test_host_with_zero_budget_equals_plain_host(entry):
+    host = tiny_host()
+    images = torch.randn(2, 3, 32, 32)
+    plain = host(images)
+    vit.apply(host, {layer: build(entry.cls, "zero") for layer in range(4)})
+    torch.testing.assert_close(host(images), plain)
+
+
+def test_host_with_budget_runs_and_reduces(entry):
+    host = tiny_host()
+    vit.apply(host, {1: build(entry.cls, "some")}, proportional_attn=True)
+    logits = host(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+    assert vit.tokens_after(host)[0] < N

@@ -1,0 +1,62 @@
+"""DynamicViT's own invariants: top-k of its predictor, hierarchical masks, masked Agg."""
+
+from __future__ import annotations
+
+import torch
+
+from reference.dynamicvit import DynamicViT
+from tests.reference.conftest import C, N, make_signals, tokens
+
+
+def build(keep_ratio: float = 0.5) -> DynamicViT:
+    torch.manual_seed(0)
+    return DynamicViT(dim=C, keep_ratio=keep_ratio).eval()
+
+
+def test_inference_keeps_the_top_k_of_the_predictor(x):
+    method = build(0.5)
+    out = method(x, make_signals(x))
+    scores = method.predictor(x[:, 1:], torch.ones(x.shape[0], N - 1))[..., 0]  # [B, M]
+    expected = scores.topk(8, dim=1).indices.sort(dim=1).values + 1
+    assert torch.equal(out.index[:, 1:], expected)
+    torch.testing.assert_close(out.x, x.gather(1, out.index[..., None].expand(-1, -1, C)))
+
+
+def test_keep_count_follows_the_ratio(x):
+    for ratio in (0.25, 0.5, 0.7, 0.9):
+        out = build(ratio)(x, make_signals(x))
+        assert out.num_tokens == 1 + int((N - 1) * ratio)
+
+
+def test_global_feature_ignores_dropped_tokens(x):
+    predictor = build().predictor
+    for module in predictor.modules():  # larger weights than the init, so changes show
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.weight, std=0.5)
+    policy = torch.ones(x.shape[0], N - 1)
+    policy[:, 3] = 0
+    patches = x[:, 1:]
+    base = predictor(patches, policy)
+    others = (torch.arange(N - 1) != 3) & (torch.arange(N - 1) != 4)
+    moved = patches.clone()
+    moved[:, 3] = torch.randn_like(moved[:, 3])  # a dropped token: the others must not see it
+    torch.testing.assert_close(predictor(moved, policy)[:, others], base[:, others])
+    moved = patches.clone()
+    moved[:, 4] = torch.randn_like(moved[:, 4])  # a kept token enters every global feature
+    assert (predictor(moved, policy)[:, others] - base[:, others]).abs().amin(1).gt(0).all()
+
+
+def test_training_masks_are_hard_and_hierarchical():
+    method = build().train()
+    x = tokens()
+    signals = make_signals(x)
+    prev = torch.ones(x.shape[0], N - 1)
+    prev[:, :5] = 0
+    signals.state["dynamicvit"] = {"policy": prev, "decisions": []}
+    first = method(x, signals)
+    assert first.x is x and first.num_tokens == N
+    assert ((first.mask == 0) | (first.mask == 1)).all() and (first.mask[:, 0] == 1).all()
+    assert (first.mask[:, 1:6] == 0).all(), "tokens dropped by an earlier stage came back"
+    second = method(x, signals)
+    assert (second.mask <= first.mask).all()
+    assert len(signals.state["dynamicvit"]["decisions"]) == 2

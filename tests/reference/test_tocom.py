@@ -1,0 +1,96 @@
+"""ToCom's own invariants: chained degree deltas, and the value-path compensation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reference.tocom import ToCom, compensate, degree_mask
+from reference.tome import merge_wavg
+from tests.reference.conftest import C, H, make_signals, tokens
+
+
+@pytest.mark.parametrize(("a", "b", "c"), [(0, 3, 7), (5, 2, 9), (16, 4, 0)])
+def test_degree_deltas_chain_and_reverse(a, b, c):
+    def m(src, tgt):
+        return degree_mask(2, 16, src, tgt)
+
+    torch.testing.assert_close(m(a, b) + m(b, c), m(a, c))
+    torch.testing.assert_close(m(a, b), -m(b, a))
+    assert m(a, a).abs().sum() == 0
+    assert m(a, b).abs().sum() == 2 * abs(b - a)  # one rank-2 chunk per degree step
+
+
+def test_value_path_equals_the_official_compensated_attention():
+    """With ``b_v = 0`` the reparametrised delta is the official one, exactly."""
+    gen = torch.Generator().manual_seed(0)
+    b, n, r, d = 2, 9, 6, C // H
+    z = torch.randn(b, n, C, generator=gen, dtype=torch.float64)  # LN(x), attention input
+    w_v = torch.randn(C, C, generator=gen, dtype=torch.float64)  # value projection
+    w_proj = torch.randn(C, C, generator=gen, dtype=torch.float64)  # output projection
+    attn = torch.randn(b, H, n, n, generator=gen, dtype=torch.float64).softmax(-1)
+    down = torch.randn(r, C, generator=gen, dtype=torch.float64)  # official adapter_down
+    up = torch.randn(C, r, generator=gen, dtype=torch.float64)  # official adapter_up
+    mask = degree_mask(2, 3, 1, 3).double()
+    # Official: v += s * up(mask * down(z)); out = proj(attn @ v).
+    delta_v = ((z @ down.t()) * mask) @ up.t()  # [B, N, C]
+    heads = delta_v.reshape(b, n, H, d).transpose(1, 2)  # [B, H, N, D]
+    official = 0.1 * ((attn @ heads).transpose(1, 2).reshape(b, n, C) @ w_proj.t())
+    # Ours reads V = z W_v^T and folds W_proj into a per-head up-projection.
+    values = (z @ w_v.t()).reshape(b, n, H, d).transpose(1, 2)
+    down_ours = down @ torch.linalg.inv(w_v)
+    up_ours = torch.stack(
+        [up.t()[:, h * d : (h + 1) * d] @ w_proj.t()[h * d : (h + 1) * d] for h in range(H)]
+    )  # [H, R, C]
+    x = torch.randn(b, n, C, generator=gen, dtype=torch.float64)
+    ours = compensate(x, attn, values, down_ours, up_ours, mask, 0.1) - x
+    torch.testing.assert_close(ours, official)
+
+
+def _trained(**kwargs) -> ToCom:
+    torch.manual_seed(0)
+    method = ToCom(dim=C, num_heads=H, **kwargs).eval()
+    with torch.no_grad():
+        method.up.normal_()
+    return method
+
+
+def test_equal_degrees_are_plain_tome():
+    x = tokens()
+    signals = make_signals(x)
+    out = _trained(r_src=4, r_tgt=4)(x, signals)
+    torch.testing.assert_close(out.x, merge_wavg(x, signals.size, 4, 1, signals.keys).x)
+
+
+def test_other_degrees_compensate_then_merge_with_unchanged_matching():
+    x = tokens()
+    signals = make_signals(x)
+    method = _trained(r_src=2, r_tgt=4)
+    out = method(x, signals)
+    ref = merge_wavg(x, signals.size, 4, 1, signals.keys)
+    assert torch.equal(out.index, ref.index) and torch.equal(out.assign, ref.assign)
+    mask = degree_mask(2, 16, 2, 4)
+    expected = merge_wavg(
+        compensate(x, signals.attn, signals.values, method.down, method.up, mask, 0.1),
+        signals.size,
+        4,
+        1,
+        signals.keys,
+    )
+    torch.testing.assert_close(out.x, expected.x)
+    assert not torch.allclose(out.x, ref.x)
+    # Delta(4 -> 2) is Delta(2 -> 4) with the sign flipped.
+    delta_up = compensate(x, signals.attn, signals.values, method.down, method.up, mask, 0.1)
+    delta_down = compensate(
+        x, signals.attn, signals.values, method.down, method.up, degree_mask(2, 16, 4, 2), 0.1
+    )
+    torch.testing.assert_close(delta_down - x, -(delta_up - x))
+
+
+def test_dropout_only_in_training():
+    x = tokens()
+    signals = make_signals(x)
+    method = _trained(r_src=0, r_tgt=4)
+    torch.testing.assert_close(method(x, signals).x, method(x, signals).x)
+    method.train()
+    assert not torch.allclose(method(x, signals).x, method(x, signals).x)

@@ -1,0 +1,103 @@
+"""The ViT host: timm weight parity, hooks, proportional attention."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from reference import vit
+from reference.core import Reduction, Signals, TokenReducer, keep_tokens
+from reference.tome import ToMe
+from tests.reference.conftest import tiny_host
+
+SMALL = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=7)
+
+
+def _timm():
+    try:
+        import timm.models.vision_transformer as timm_vit
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("timm (with torchvision) is not installed")
+    return timm_vit
+
+
+def test_state_dict_and_logits_match_timm():
+    timm_vit = _timm()
+    torch.manual_seed(0)
+    reference_model = timm_vit.VisionTransformer(**SMALL).eval()
+    ours = vit.VisionTransformer(**SMALL).eval()
+    assert sorted(ours.state_dict()) == sorted(reference_model.state_dict())
+    ours.load_state_dict(reference_model.state_dict(), strict=True)
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(images), reference_model(images), rtol=1e-5, atol=1e-5)
+        # A method attached at zero budget changes nothing either.
+        vit.apply(ours, {i: ToMe(r=0) for i in range(3)}, proportional_attn=True)
+        torch.testing.assert_close(ours(images), reference_model(images), rtol=1e-5, atol=1e-5)
+
+
+def test_named_configs_have_timms_shapes():
+    timm_vit = _timm()
+    for name in ("vit_small_patch16_224", "vit_base_patch16_224"):
+        theirs = {
+            k: v.shape for k, v in timm_vit.__dict__[name](pretrained=False).state_dict().items()
+        }
+        ours = {k: v.shape for k, v in vit.create(name).state_dict().items()}
+        assert ours == theirs
+
+
+class DropLast(TokenReducer):
+    """Keeps all but the last token; records what it saw."""
+
+    catalog_id = "test_drop_last"
+
+    def __init__(self, where: str, needs=frozenset()):
+        super().__init__()
+        self.where, self.needs, self.seen = where, frozenset(needs), []
+
+    def forward(self, x: torch.Tensor, signals: Signals) -> Reduction:
+        self.seen.append(signals)
+        b, n, _ = x.shape
+        keep = torch.arange(signals.prefix, n - 1).expand(b, -1)
+        return keep_tokens(x, signals.size, signals.prefix, keep)
+
+
+@pytest.mark.parametrize("where", ["pre", "mid"])
+def test_hooks_reduce_tokens_and_pass_signals(where):
+    host = tiny_host(depth=2)
+    method = DropLast(where, needs={"keys", "cls_attn"})
+    vit.apply(host, {0: method, 1: DropLast(where)})
+    host(torch.randn(2, 3, 32, 32))
+    assert vit.tokens_after(host) == [16, 15]
+    seen = method.seen[0]
+    if where == "mid":
+        assert seen.keys.shape == (2, 17, 8) and seen.cls_attn.shape == (2, 4, 17)
+        torch.testing.assert_close(seen.cls_attn.sum(-1), torch.ones(2, 4))
+    else:
+        assert seen.keys is None  # no attention has run yet at the "pre" hook
+
+
+def test_cls_attention_row_equals_the_full_map_row():
+    host = tiny_host(depth=1)
+    block = host.blocks[0]
+    x = torch.randn(2, 17, 32)
+    size = torch.rand(2, 17, 1) + 0.5
+    _, only_row = block.attn(x, size, frozenset({"cls_attn"}))
+    _, full = block.attn(x, size, frozenset({"attn"}))
+    torch.testing.assert_close(only_row["cls_attn"], full["attn"][:, :, 0])
+
+
+def test_proportional_attention_counts_a_merged_token_as_its_size():
+    """Attention to one token of size 2 equals attention to two identical tokens."""
+    host = tiny_host(depth=1)
+    attn = host.blocks[0].attn
+    x = torch.randn(1, 5, 32)
+    doubled = torch.cat([x, x[:, -1:]], dim=1)  # last token twice
+    out_doubled, _ = attn(doubled, None, frozenset())
+    size = torch.tensor([[1.0, 1.0, 1.0, 1.0, 2.0]])[..., None]
+    out_sized, _ = attn(x, size, frozenset())
+    torch.testing.assert_close(out_sized, out_doubled[:, :5], rtol=1e-5, atol=1e-5)

@@ -1,0 +1,148 @@
+"""Site pages for ``reference/``: the contract, one page per module, timing plots.
+
+Modules are read statically (``ast``), so building the site needs no torch.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from tools.refs import INFRASTRUCTURE
+
+
+@dataclass(frozen=True)
+class Module:
+    name: str
+    catalog_id: str
+    kind: str
+    where: str
+    needs: tuple[str, ...]
+    docstring: str
+    source: str
+
+
+_LIST_ITEM = re.compile(r"^\s*(\d+\.|[-*])\s")
+
+
+def _markdown(docstring: str) -> str:
+    """Docstrings use reST double backticks, and lists without a blank line before them."""
+    out: list[str] = []
+    for line in docstring.replace("``", "`").splitlines():
+        starts_list = _LIST_ITEM.match(line) and out and out[-1].strip()
+        if starts_list and not _LIST_ITEM.match(out[-1]) and not out[-1].startswith(" "):
+            out.append("")
+        out.append(line)
+    return "\n".join(out)
+
+
+def describe_setting(setting: dict[str, dict]) -> str:
+    """``{"0": {"r": 13}, ...}`` -> ``r=13 at blocks 0-11`` (blocks counted from 0)."""
+    groups: dict[str, list[int]] = {}
+    for layer, kwargs in setting.items():
+        key = ", ".join(f"{k}={v}" for k, v in kwargs.items()) or "defaults"
+        groups.setdefault(key, []).append(int(layer))
+    parts = []
+    for key, layers in groups.items():
+        layers.sort()
+        span = (
+            f"{layers[0]}-{layers[-1]}"
+            if layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 2
+            else ", ".join(map(str, layers))
+        )
+        parts.append(f"{key} at block{'s' if len(layers) > 1 else ''} {span}")
+    return "; ".join(parts)
+
+
+def _class_attrs(tree: ast.Module) -> dict[str, object]:
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            attrs = {}
+            for stmt in node.body:
+                if isinstance(stmt, ast.Assign) and isinstance(stmt.targets[0], ast.Name):
+                    value = stmt.value
+                    if isinstance(value, ast.Call) and value.args:  # frozenset({...})
+                        value = value.args[0]
+                    with contextlib.suppress(ValueError):
+                        attrs[stmt.targets[0].id] = ast.literal_eval(value)
+            if "catalog_id" in attrs:
+                return attrs
+    return {}
+
+
+def read_modules(reference_dir: Path) -> list[Module]:
+    modules = []
+    for path in sorted(reference_dir.glob("*.py")):
+        if path.stem in INFRASTRUCTURE:
+            continue
+        source = path.read_text(encoding="utf-8")
+        tree = ast.parse(source)
+        attrs = _class_attrs(tree)
+        if not attrs:
+            continue
+        modules.append(
+            Module(
+                name=path.stem,
+                catalog_id=attrs["catalog_id"],
+                kind=str(attrs.get("kind", "")),
+                where=str(attrs.get("where", "mid")),
+                needs=tuple(sorted(attrs.get("needs", ()))),
+                docstring=_markdown(ast.get_docstring(tree) or ""),
+                source=source,
+            )
+        )
+    return modules
+
+
+def package_docstring(reference_dir: Path) -> str:
+    tree = ast.parse((reference_dir / "__init__.py").read_text(encoding="utf-8"))
+    return _markdown(ast.get_docstring(tree) or "")
+
+
+def load_results(bench_dir: Path) -> dict[str, dict]:
+    """Reference timing results by device type (``cpu``, ``cuda``)."""
+    results = {}
+    for path in sorted(bench_dir.glob("reference-*.json")):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        results[data["device"]["type"]] = data
+    return results
+
+
+def speedup_plot(result: dict) -> bytes:
+    """Bar chart: speedup of each method per model and batch, as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["results"]
+    methods = sorted({r["method"] for r in rows})
+    configs = sorted({(r["model"], r["batch"]) for r in rows})
+    fig, ax = plt.subplots(figsize=(10, 0.35 * len(methods) + 1.5), dpi=100)
+    height = 0.8 / max(1, len(configs))
+    for i, (model, batch) in enumerate(configs):
+        values = {
+            r["method"]: r["speedup"] for r in rows if (r["model"], r["batch"]) == (model, batch)
+        }
+        ys = [m + i * height for m in range(len(methods))]
+        label = f"{re.sub(r'_patch16_224$', '', model)}, batch {batch}"
+        ax.barh(ys, [values.get(m, 0) for m in methods], height=height, label=label)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks([m + 0.4 - height / 2 for m in range(len(methods))], methods)
+    ax.invert_yaxis()
+    ax.set_xlabel("speedup of the host's forward (dense time / reduced time)")
+    ax.set_title(
+        f"{result['device']['type'].upper()} ({result['device']['name']}), "
+        f"torch {result['versions']['torch']}, {result['date'][:10]}"
+    )
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
