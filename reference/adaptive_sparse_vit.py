@@ -131,6 +131,7 @@ class AdaptiveSparseViT(TokenReducer):
     """One AS-ViT pruning stage with its learnable keep threshold."""
 
     catalog_id = "adaptive_sparse_vit"
+    basis = "an unofficial repository (Cydia2018/AS-ViT; authorship unconfirmed)"
     kind = "pruning"
     needs = frozenset({"attn", "values"})
     where = "mid"

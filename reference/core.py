@@ -112,6 +112,9 @@ class TokenReducer(nn.Module):
     kind: str = ""
     needs: frozenset[str] = frozenset()
     where: str = "mid"
+    # What the implementation was checked against: "official code", or, where no
+    # official code exists, what was read instead (shown on the site).
+    basis: str = "official code"
     # Constructor arguments for the shared contract tests: "zero" must be the
     # identity, "some" must remove tokens from the tiny test inputs.
     test_configs: ClassVar[dict[str, dict]] = {"zero": {}, "some": {}}

@@ -114,6 +114,7 @@ class InTI(TokenReducer):
     """
 
     catalog_id = "inti"
+    basis = "abstract only (no official code; paper text unavailable)"
     kind = "merging"
     where = "pre"
 

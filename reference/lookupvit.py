@@ -110,6 +110,7 @@ class LookupViT(TokenReducer):
     """
 
     catalog_id = "lookupvit"
+    basis = "abstract and an unofficial reimplementation (no official code)"
     kind = "compression-tokens"
     where = "pre"
 

@@ -114,6 +114,7 @@ class PatchSlimming(TokenReducer):
     """A slimmed layer: keeps the tokens at the original ``positions`` (prefix always)."""
 
     catalog_id = "patch_slimming"
+    basis = "abstract and a third-party reproduction (no official code)"
     kind = "pruning"
     needs = frozenset()
     where = "mid"

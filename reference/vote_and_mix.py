@@ -110,6 +110,7 @@ class VoteAndMix(TokenReducer):
     """Mix ``floor(ratio * image tokens)`` homogeneous tokens away per block."""
 
     catalog_id = "vote_and_mix"
+    basis = "abstract only (no official code; paper text unavailable)"
     kind = "merging"
     needs = frozenset({"keys"})
     where = "mid"

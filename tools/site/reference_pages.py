@@ -23,6 +23,7 @@ class Module:
     kind: str
     where: str
     needs: tuple[str, ...]
+    basis: str
     docstring: str
     source: str
 
@@ -92,6 +93,7 @@ def read_modules(reference_dir: Path) -> list[Module]:
                 kind=str(attrs.get("kind", "")),
                 where=str(attrs.get("where", "mid")),
                 needs=tuple(sorted(attrs.get("needs", ()))),
+                basis=str(attrs.get("basis", "official code")),
                 docstring=_markdown(ast.get_docstring(tree) or ""),
                 source=source,
             )
