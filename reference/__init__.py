@@ -30,4 +30,14 @@ The contract (``reference.core``):
 The host (``reference.vit``) is a ViT whose ``state_dict`` matches timm's
 ``VisionTransformer``; ``vit.apply(model, {layer: method, ...})`` attaches
 methods to blocks (ToMe's ``apply_patch``).
+
+For vision-language models, ``reference.llava`` is a LLaVA-style host (this ViT
+as vision tower, an MLP projector, a LLaMA-style decoder with a KV cache).
+Vision-stage methods are ``TokenReducer``s run on the tower's features
+(``host.apply(vision=method)``); language-model methods are ``LLMReducer``s run
+after a decoder layer during prefill (``host.apply(llm={layer: method})``) with
+the attention row of each sample's last prompt token. They keep every text
+token and only drop or merge image tokens; kept tokens keep their position ids.
+Signals the host cannot compute (text features for text-guided methods) are
+passed in ``state`` by the caller.
 """

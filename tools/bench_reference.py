@@ -112,7 +112,11 @@ def run(
     from tqdm import tqdm
 
     device = torch.device(device_name)
-    entries = [e for e in registry.entries(pattern) if e.cls.paper_setting(12, 384)[0]]
+    entries = [
+        e
+        for e in registry.entries(pattern)
+        if issubclass(e.cls, TokenReducer) and e.cls.paper_setting(12, 384)[0]
+    ]
     dtype = torch.float32
     rows = []
     jobs = [(m, b, e) for m in models for b in batches for e in entries]

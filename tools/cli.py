@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import sys
 import time
 from pathlib import Path
@@ -135,6 +136,31 @@ def cmd_refs(args) -> int:
 def cmd_bench(args) -> int:
     from tools.bench_reference import run as run_bench
 
+    suites = set(args.suite.split(","))
+    device_kind = args.device.split(":")[0]
+    if "vlm" in suites:
+        from tools.bench_vlm import run_vlm
+        from tools.writeout import write_atomic
+
+        vlm = run_vlm(
+            args.device,
+            tuple(int(b) for b in args.batch.split(",")),
+            args.methods,
+            args.repeat,
+            args.warmup,
+        )
+        vlm_out = paths.DOCS / "benchmarks" / f"vlm-{device_kind}.json"
+        write_atomic(vlm_out, json.dumps(vlm, indent=2) + "\n")
+        for row in vlm["results"]:
+            print(
+                f"{row['method']:22} b{row['batch']:<3} keep {row['keep']:>3}/"
+                f"{row['visual_tokens']}  prefill x{row['prefill_speedup']:.2f}  "
+                f"{row['base_tflops']:.3f} -> {row['tflops']:.3f} TFLOPs  decode "
+                f"{row['base_decode_tok_s']:.1f} -> {row['decode_tok_s']:.1f} tok/s"
+            )
+        print(f"{vlm_out}: written")
+    if "vit" not in suites:
+        return 0
     output = Path(
         args.output or paths.DOCS / "benchmarks" / f"reference-{args.device.split(':')[0]}.json"
     )
@@ -234,7 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="*", help="catalog ids to time (wildcards)")
     p.add_argument("--repeat", type=int, default=5, help="timed runs (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=1, help="discarded runs before each timing")
-    p.add_argument("-o", "--output", metavar="FILE", help="results file")
+    p.add_argument("-o", "--output", metavar="FILE", help="ViT results file")
+    p.add_argument(
+        "--suite",
+        default="vit,vlm",
+        help="vit (ViT host), vlm (LLaVA host), or both (default: %(default)s)",
+    )
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser(
         "refs",

@@ -18,7 +18,11 @@ def make_signals(x: torch.Tensor, prefix: int = 1, seed: int = 0) -> Signals:
     keys = torch.randn(b, H, n, c // H, generator=gen).to(x)
     queries = torch.randn(b, H, n, c // H, generator=gen).to(x)
     attn = ((queries @ keys.transpose(-1, -2)) / (c // H) ** 0.5).softmax(-1)  # [B, H, N, N]
+    # External signals a caller provides through ``state``: text features in the
+    # vision feature space (text-guided VLM methods), one row per text token.
+    state = {"text": torch.randn(b, 4, c, generator=gen).to(x)}
     return Signals(
+        state=state,
         prefix=prefix,
         size=torch.ones(b, n, 1, dtype=x.dtype),
         keys=keys.mean(1),

@@ -8,9 +8,14 @@ import pytest
 import torch
 
 from reference import registry, vit
+from reference.core import TokenReducer
 from tools.bench_reference import build_reducers, run
 
-BENCHMARKED = [e for e in registry.entries() if e.cls.paper_setting(12, 384)[0]]
+BENCHMARKED = [
+    e
+    for e in registry.entries()
+    if issubclass(e.cls, TokenReducer) and e.cls.paper_setting(12, 384)[0]
+]
 
 
 @pytest.mark.parametrize("entry", BENCHMARKED, ids=[e.catalog_id for e in BENCHMARKED])

@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from reference import registry, vit
+from reference.core import TokenReducer
 from tests.reference.conftest import B, N, build, make_signals, tiny_host, tokens
 
-ENTRIES = registry.entries()
+# Methods that act on a token sequence with protected prefix tokens (ViT blocks, or
+# the LLaVA host's vision tower); language-model methods have their own contract.
+ENTRIES = [e for e in registry.entries() if issubclass(e.cls, TokenReducer)]
 IDS = [e.catalog_id for e in ENTRIES]
 
 
@@ -57,6 +60,8 @@ def test_batch_items_get_the_result_they_get_alone(entry, x):
             cls_attn=signals.cls_attn[i : i + 1],
             attn=signals.attn[i : i + 1],
             values=signals.values[i : i + 1],
+            # Only the caller-provided signals (a method may add its own state).
+            state={key: value[i : i + 1] for key, value in make_signals(x).state.items()},
         )
         alone = method(x[i : i + 1], alone_signals)
         n = alone.x.shape[1]

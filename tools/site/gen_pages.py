@@ -48,17 +48,22 @@ def main() -> None:
     for path, text in pages.downloads(catalog).items():
         write(path, text)
     results = reference_pages.load_results(paths.CATALOG_BENCH.parent)
-    write("performance.md", pages.performance_page(paths.CATALOG_BENCH, results))
-    for device, result in results.items():
-        with mkdocs_gen_files.open(f"performance/speedup-{device}.png", "wb") as handle:
-            handle.write(reference_pages.speedup_plot(result))
+    vlm_results = reference_pages.load_results(paths.CATALOG_BENCH.parent, "vlm")
+    write("performance.md", pages.performance_page(paths.CATALOG_BENCH, results, vlm_results))
+    plots = [(f"speedup-{d}", r, reference_pages.speedup_plot) for d, r in results.items()]
+    plots += [(f"vlm-prefill-{d}", r, reference_pages.vlm_plot) for d, r in vlm_results.items()]
+    for name, result, plot in plots:
+        with mkdocs_gen_files.open(f"performance/{name}.png", "wb") as handle:
+            handle.write(plot(result))
     modules = reference_pages.read_modules(reference_dir)
     contract = reference_pages.package_docstring(paths.REFERENCE)
     write("reference/index.md", pages.reference_index_page(catalog, modules, contract))
     papers = {p.id: p for p in catalog.papers}
     for module in modules:
         if module.catalog_id in papers:
-            page = pages.reference_module_page(module, papers[module.catalog_id], results)
+            page = pages.reference_module_page(
+                module, papers[module.catalog_id], results, vlm_results
+            )
             write(f"reference/{module.name}.md", page)
 
 

@@ -132,12 +132,14 @@ def taxonomy_page(catalog: Catalog) -> str:
     return _render("taxonomy.md.j2", taxonomy=catalog.taxonomy, facets=FACETS, by_term=by_term)
 
 
-def performance_page(catalog_bench: Path, reference_results: dict[str, dict]) -> str:
+def performance_page(
+    catalog_bench: Path, reference_results: dict[str, dict], vlm_results: dict[str, dict]
+) -> str:
     """Timing tables from the committed benchmark results; says so when none exist."""
     result = None
     if catalog_bench.is_file():
         result = json.loads(catalog_bench.read_text(encoding="utf-8"))
-    return _render("performance.md.j2", result=result, reference=reference_results)
+    return _render("performance.md.j2", result=result, reference=reference_results, vlm=vlm_results)
 
 
 def reference_index_page(catalog: Catalog, modules: list, contract: str) -> str:
@@ -150,13 +152,19 @@ def reference_index_page(catalog: Catalog, modules: list, contract: str) -> str:
     )
 
 
-def reference_module_page(module, paper: PaperBase, results: dict[str, dict]) -> str:
-    rows = [
-        (device, r)
+def _rows_for(results: dict[str, dict], catalog_id: str) -> list[tuple[str, dict]]:
+    return [
+        (device, row)
         for device, data in sorted(results.items())
-        for r in data["results"]
-        if r["method"] == module.catalog_id
+        for row in data["results"]
+        if row["method"] == catalog_id
     ]
+
+
+def reference_module_page(
+    module, paper: PaperBase, results: dict[str, dict], vlm_results: dict[str, dict]
+) -> str:
+    # The docstring and source are the project's own code, rendered as Markdown and code.
     module = module.__class__(
         **{
             **module.__dict__,
@@ -165,7 +173,12 @@ def reference_module_page(module, paper: PaperBase, results: dict[str, dict]) ->
         }
     )
     return _render(
-        "reference_module.md.j2", module=module, paper=paper, rows=rows, gpu="cuda" in results
+        "reference_module.md.j2",
+        module=module,
+        paper=paper,
+        rows=_rows_for(results, module.catalog_id),
+        vlm_rows=_rows_for(vlm_results, module.catalog_id),
+        gpu="cuda" in results or "cuda" in vlm_results,
     )
 
 

@@ -72,6 +72,8 @@ def _class_attrs(tree: ast.Module) -> dict[str, object]:
                     with contextlib.suppress(ValueError):
                         attrs[stmt.targets[0].id] = ast.literal_eval(value)
             if "catalog_id" in attrs:
+                bases = {getattr(b, "id", "") for b in node.bases}
+                attrs.setdefault("where", "llm" if "LLMReducer" in bases else "mid")
                 return attrs
     return {}
 
@@ -106,10 +108,10 @@ def package_docstring(reference_dir: Path) -> str:
     return _markdown(ast.get_docstring(tree) or "")
 
 
-def load_results(bench_dir: Path) -> dict[str, dict]:
-    """Reference timing results by device type (``cpu``, ``cuda``)."""
+def load_results(bench_dir: Path, stem: str = "reference") -> dict[str, dict]:
+    """Timing results (``reference-*.json`` or ``vlm-*.json``) by device type."""
     results = {}
-    for path in sorted(bench_dir.glob("reference-*.json")):
+    for path in sorted(bench_dir.glob(f"{stem}-*.json")):
         data = json.loads(path.read_text(encoding="utf-8"))
         results[data["device"]["type"]] = data
     return results
@@ -143,6 +145,43 @@ def speedup_plot(result: dict) -> bytes:
         f"torch {result['versions']['torch']}, {result['date'][:10]}"
     )
     ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def vlm_plot(result: dict) -> bytes:
+    """Prefill speedup of each VLM method per visual-token budget and batch, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["results"]
+    methods = sorted({r["method"] for r in rows})
+    configs = sorted({(r["batch"], r["keep"]) for r in rows})
+    fig, ax = plt.subplots(figsize=(10, 0.5 * len(methods) + 1.8), dpi=100)
+    height = 0.8 / max(1, len(configs))
+    for i, (batch, keep) in enumerate(configs):
+        values = {
+            r["method"]: r["prefill_speedup"]
+            for r in rows
+            if (r["batch"], r["keep"]) == (batch, keep)
+        }
+        ys = [m + i * height for m in range(len(methods))]
+        label = f"keep {keep}/{rows[0]['visual_tokens']}, batch {batch}"
+        ax.barh(ys, [values.get(m, 0) for m in methods], height=height, label=label)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks([m + 0.4 - height / 2 for m in range(len(methods))], methods)
+    ax.invert_yaxis()
+    ax.set_xlabel("prefill speedup (all visual tokens / pruned)")
+    ax.set_title(
+        f"{result['device']['type'].upper()} ({result['device']['name']}), "
+        f"torch {result['versions']['torch']}, {result['date'][:10]}"
+    )
+    ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

@@ -1,0 +1,350 @@
+"""A LLaVA-style host: ViT vision tower, MLP projector, LLaMA-style decoder.
+
+Layout of one sample: ``[prefix text][image tokens][instruction text][padding]``
+(LLaVA-1.5 puts the image after the system prompt). Instructions of different
+lengths are right-padded; ``valid`` masks the padding out of every attention.
+
+Hooks:
+- ``vision``: a ViT ``TokenReducer`` applied to the vision tower's features at
+  the selected layer (CLS included as prefix; LLaVA then drops CLS), with the
+  CLS attention row and keys of that layer (FasterVLM, VisionZip, PruMerge).
+- ``llm[layer]``: an ``LLMReducer`` applied to the hidden states after decoder
+  layer ``layer`` during prefill, with the attention of each sample's last
+  instruction token to every key of that layer (FastV, PyramidDrop). Only rows
+  that are needed are computed: attention itself runs through
+  ``scaled_dot_product_attention``.
+
+Dropped tokens keep nothing; kept tokens keep their original position ids, so
+RoPE positions stay correct, and decoding continues at ``max(position) + 1``.
+Each decoder layer caches the keys and values of the tokens it saw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from reference.core import Reduction, Signals, TokenReducer, gather_tokens
+from reference.vit import HostState, VisionTransformer
+
+
+@dataclass(frozen=True)
+class LlavaConfig:
+    vision: dict
+    vision_layer: int  # index of the ViT block whose output feeds the projector
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    rope_theta: float = 10000.0
+    eps: float = 1e-5
+
+
+TINY = LlavaConfig(
+    vision=dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4, num_classes=0),
+    vision_layer=1,
+    hidden=64,
+    layers=4,
+    heads=4,
+    kv_heads=2,
+    intermediate=128,
+    vocab=101,
+)
+# LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px (576 patches, penultimate layer), Vicuna-7B.
+LLAVA_15_7B = LlavaConfig(
+    vision=dict(img_size=336, patch_size=14, embed_dim=1024, depth=24, num_heads=16, num_classes=0),
+    vision_layer=22,
+    hidden=4096,
+    layers=32,
+    heads=32,
+    kv_heads=32,
+    intermediate=11008,
+    vocab=32000,
+)
+
+
+@dataclass
+class LLMSignals:
+    """What a decoder layer exposes to an ``LLMReducer`` after it ran.
+
+    Attributes:
+        image_start: index of the first image token (the same for every sample).
+        image_len: number of image tokens now in the sequence.
+        valid: ``[B, N]`` False for padding.
+        last_attn: ``[B, H, N]`` attention of each sample's last valid token.
+        attn: ``[B, H, N, N]`` full attention maps (``needs = {"attn"}`` only).
+        layer: index of the decoder layer that just ran.
+        state: per-forward scratch space shared by the reducers.
+    """
+
+    image_start: int
+    image_len: int
+    valid: Tensor
+    last_attn: Tensor | None = None
+    attn: Tensor | None = None
+    layer: int = 0
+    state: dict = field(default_factory=dict)
+
+
+class LLMReducer(nn.Module):
+    """Base of methods that act inside the language model during prefill.
+
+    ``forward(h, signals)`` returns a ``Reduction`` over the whole sequence whose
+    ``index`` keeps every text and padding token, in order; only image tokens
+    (``image_start <= i < image_start + image_len``) may be dropped or merged.
+    """
+
+    catalog_id: str = ""
+    kind: str = ""
+    needs: frozenset[str] = frozenset({"last_attn"})
+    basis: str = "official code"
+    test_configs: ClassVar[dict[str, dict]] = {"zero": {}, "some": {}}
+
+    def image_budget(self, n_image: int) -> tuple[int, int]:
+        """Fewest and most image tokens left (equal when exact)."""
+        raise NotImplementedError
+
+
+def bench_setting(cls: type, keep: int, n_image: int, cfg: LlavaConfig) -> dict | None:
+    """Where and how to attach ``cls`` to keep ``keep`` of ``n_image`` visual tokens.
+
+    Returns ``host.apply`` keyword arguments (``vision=...`` / ``llm={...}``), from
+    the class method ``bench_setting`` that a VLM method may define; None when the
+    method has none (it is then not benchmarked).
+    """
+    method = getattr(cls, "bench_setting", None)
+    return None if method is None else method(keep, n_image, cfg)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        return (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight
+
+
+def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
+    """Rotate ``x [B, H, N, D]`` by ``positions [B, N]`` (LLaMA's half-split RoPE)."""
+    d = x.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
+    angles = positions.float()[:, None, :, None] * inv  # [B, 1, N, D/2]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlavaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.head_dim = cfg.hidden // cfg.heads
+        self.input_layernorm = RMSNorm(cfg.hidden, cfg.eps)
+        self.q_proj = nn.Linear(cfg.hidden, cfg.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden, cfg.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden, cfg.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.heads * self.head_dim, cfg.hidden, bias=False)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.eps)
+        self.gate_proj = nn.Linear(cfg.hidden, cfg.intermediate, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden, cfg.intermediate, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate, cfg.hidden, bias=False)
+
+    def _split(self, x: Tensor, heads: int) -> Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, heads, self.head_dim).transpose(1, 2)  # [B, H, N, D]
+
+    def forward(
+        self,
+        h: Tensor,
+        positions: Tensor,
+        mask: Tensor,
+        cache: dict | None,
+        needs: frozenset[str],
+        last: Tensor | None,
+    ) -> tuple[Tensor, dict]:
+        """``mask [B, 1, Nq, Nk]`` is True where a query may attend a key."""
+        cfg = self.cfg
+        x = self.input_layernorm(h)
+        q = rope(self._split(self.q_proj(x), cfg.heads), positions, cfg.rope_theta)
+        k = rope(self._split(self.k_proj(x), cfg.kv_heads), positions, cfg.rope_theta)
+        v = self._split(self.v_proj(x), cfg.kv_heads)
+        if cache is not None:
+            if "k" in cache:  # decoding: attend to everything this layer cached
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+            cache["k"], cache["v"] = k, v
+        groups = cfg.heads // cfg.kv_heads
+        k_all, v_all = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+        signals: dict[str, Tensor] = {}
+        scale = self.head_dim**-0.5
+        if "attn" in needs:
+            logits = (q @ k_all.transpose(-1, -2)) * scale
+            signals["attn"] = logits.masked_fill(~mask, -torch.inf).softmax(-1)
+        if "last_attn" in needs and last is not None:
+            with torch.no_grad():  # only the rows of each sample's last valid token
+                q_last = q.gather(
+                    2, last[:, None, None, None].expand(-1, q.shape[1], 1, q.shape[3])
+                )
+                logits = (q_last @ k_all.transpose(-1, -2)) * scale  # [B, H, 1, N]
+                row_mask = mask.gather(2, last[:, None, None, None].expand(-1, 1, 1, mask.shape[3]))
+                signals["last_attn"] = logits.masked_fill(~row_mask, -torch.inf).softmax(-1)[
+                    :, :, 0
+                ]
+        b, _, n, _ = out.shape
+        h = h + self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+        x = self.post_attention_layernorm(h)
+        return h + self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), signals
+
+
+class LlavaHost(nn.Module):
+    """Vision tower + projector + decoder; ``prefill`` and ``decode`` share one KV cache."""
+
+    def __init__(self, cfg: LlavaConfig = TINY):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_tower = VisionTransformer(**cfg.vision)
+        dim_v = cfg.vision["embed_dim"]
+        self.mm_projector = nn.Sequential(
+            nn.Linear(dim_v, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.hidden)
+        )
+        self.embed_tokens = nn.Embedding(cfg.vocab, cfg.hidden)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.layers))
+        self.norm = RMSNorm(cfg.hidden, cfg.eps)
+        self.lm_head = nn.Linear(cfg.hidden, cfg.vocab, bias=False)
+        self.vision_reducer: TokenReducer | None = None
+        self.llm_reducers = nn.ModuleDict()
+        self.llm_by_layer: dict[int, LLMReducer] = {}
+        self.last_trace: list[Reduction] = []
+
+    # -- configuration -------------------------------------------------------
+    def apply(
+        self, vision: TokenReducer | None = None, llm: dict[int, LLMReducer] | None = None
+    ) -> LlavaHost:
+        self.vision_reducer = vision
+        self.llm_by_layer = dict(llm or {})
+        # Registered as submodules too, so .to() and .parameters() reach them.
+        self.llm_reducers = nn.ModuleDict({str(k): v for k, v in self.llm_by_layer.items()})
+        return self
+
+    # -- vision ---------------------------------------------------------------
+    def encode_images(self, images: Tensor, state: dict) -> tuple[Tensor, Reduction | None]:
+        """Projected image tokens ``[B, Nv', hidden]`` (CLS dropped, as LLaVA does)."""
+        vt = self.vision_tower
+        x = vt.patch_embed(images)
+        x = torch.cat([vt.cls_token.expand(x.shape[0], -1, -1), x], 1) + vt.pos_embed
+        ctx = HostState(x, 1, proportional=False)
+        reducer, reduction = self.vision_reducer, None
+        for i, block in enumerate(vt.blocks[: self.cfg.vision_layer + 1]):
+            ctx.layer = i
+            if i < self.cfg.vision_layer:
+                x = block(x, ctx)
+                continue
+            needs = (reducer.needs if reducer else frozenset()) | {"cls_attn", "keys"}
+            out, signals = block.attn(block.norm1(x), None, needs)
+            x = x + out
+            x = x + block.mlp(block.norm2(x))
+            if reducer is not None:
+                reduction = reducer(
+                    x, Signals(prefix=1, size=ctx.size, layer=i, state=state, **signals)
+                )
+                x = reduction.x
+        return self.mm_projector(x[:, 1:]), reduction
+
+    # -- language model -------------------------------------------------------
+    def _mask(self, valid_q: Tensor, valid_k: Tensor, causal_offset: int) -> Tensor:
+        """``[B, 1, Nq, Nk]``: causal by sequence index, padding keys masked."""
+        nq, nk = valid_q.shape[1], valid_k.shape[1]
+        qi = torch.arange(nq, device=valid_q.device)[:, None] + causal_offset
+        causal = torch.arange(nk, device=valid_q.device)[None, :] <= qi  # [Nq, Nk]
+        mask = causal[None, None] & valid_k[:, None, None, :]
+        # A padding query attends to itself only, so no row is empty (its output is unused).
+        eye = torch.zeros_like(mask)
+        if nq == nk:
+            eye = torch.eye(nq, dtype=torch.bool, device=mask.device)[None, None].expand_as(mask)
+        return mask | (eye & ~valid_q[:, None, :, None])
+
+    def prefill(
+        self,
+        images: Tensor,
+        prefix_ids: Tensor,
+        suffix_ids: Tensor,
+        suffix_valid: Tensor,
+        extra_ids: Tensor | None = None,
+        replay: list[Tensor] | None = None,
+        state: dict | None = None,
+    ) -> tuple[Tensor, dict]:
+        """Run the prompt; return each sample's next-token logits ``[B, vocab]`` and the cache.
+
+        ``extra_ids [B, E]``: tokens appended after the (padded) instruction, as if
+        decoded. ``replay``: the ``index`` of every LLM reduction of an earlier
+        prefill (``last_trace``), applied at the same hooks instead of running the
+        reducers, the appended tokens kept: the cache-free recomputation of a
+        pruned sequence.
+        """
+        state = {} if state is None else state
+        vis, _ = self.encode_images(images, state)
+        b, device = vis.shape[0], vis.device
+        parts = [self.embed_tokens(prefix_ids), vis, self.embed_tokens(suffix_ids)]
+        valid_parts = [
+            torch.ones(b, prefix_ids.shape[1] + vis.shape[1], dtype=torch.bool, device=device),
+            suffix_valid.bool(),
+        ]
+        if extra_ids is not None:
+            parts.append(self.embed_tokens(extra_ids))
+            valid_parts.append(torch.ones_like(extra_ids, dtype=torch.bool))
+        h, valid = torch.cat(parts, 1), torch.cat(valid_parts, 1)
+        extra = 0 if extra_ids is None else extra_ids.shape[1]
+        positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # [B, N]; pads are never queried
+        image_start, image_len = prefix_ids.shape[1], vis.shape[1]
+        pending = None if replay is None else list(replay)
+        self.last_trace = []
+        caches: list[dict] = []
+        for i, layer in enumerate(self.layers):
+            reducer = self.llm_by_layer.get(i)
+            needs = reducer.needs if reducer is not None and pending is None else frozenset()
+            last = valid.long().cumsum(1).argmax(1)  # each sample's last valid token
+            caches.append({"valid": valid})
+            h, signals = layer(h, positions, self._mask(valid, valid, 0), caches[i], needs, last)
+            if reducer is None:
+                continue
+            n = h.shape[1]
+            if pending is not None:
+                recorded = pending.pop(0)  # [B, N' - extra] into the sequence without extras
+                tail = torch.arange(n - extra, n, device=device).expand(b, extra)
+                index = torch.cat([recorded, tail], 1)
+                h = gather_tokens(h, index)
+            else:
+                red = reducer(
+                    h, LLMSignals(image_start, image_len, valid, layer=i, state=state, **signals)
+                )
+                index, h = red.index, red.x
+                self.last_trace.append(index)
+            image_len -= n - index.shape[1]  # only image tokens are ever removed
+            valid, positions = valid.gather(1, index), positions.gather(1, index)
+        last = valid.long().cumsum(1).argmax(1)
+        out = h.gather(1, last[:, None, None].expand(-1, 1, h.shape[2]))
+        cache = {"layers": caches, "next_pos": positions.gather(1, last[:, None])[:, 0] + 1}
+        return self.lm_head(self.norm(out))[:, 0], cache
+
+    @torch.no_grad()
+    def decode(self, token_ids: Tensor, cache: dict) -> Tensor:
+        """One decoding step for ``token_ids [B]``; updates ``cache``; returns logits."""
+        h = self.embed_tokens(token_ids[:, None])  # [B, 1, hidden]
+        positions = cache["next_pos"][:, None]
+        for layer, layer_cache in zip(self.layers, cache["layers"], strict=True):
+            layer_cache["valid"] = torch.cat(
+                [layer_cache["valid"], torch.ones_like(token_ids[:, None], dtype=torch.bool)], 1
+            )
+            mask = layer_cache["valid"][:, None, None, :]  # [B, 1, 1, Nk]
+            h, _ = layer(h, positions, mask, layer_cache, frozenset(), None)
+        cache["next_pos"] = cache["next_pos"] + 1
+        return self.lm_head(self.norm(h))[:, 0]

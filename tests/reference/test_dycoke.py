@@ -1,0 +1,146 @@
+"""DyCoke's own invariants: temporal token merging and dynamic KV-cache pruning."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from reference.core import Signals
+from reference.dycoke import DyCoke, dycoke_decode_step
+from reference.llava import TINY, LlavaHost
+
+T, P, C = 8, 3, 8
+
+
+def video(b: int = 2, t: int = T, seed: int = 0) -> torch.Tensor:
+    """``[b, 1 + t P, C]``: CLS and random frames where about half the patches repeat."""
+    g = torch.Generator().manual_seed(seed)
+    frames = torch.randn(b, t, P, C, generator=g)
+    same = torch.rand(b, t, P, generator=g) < 0.5
+    for i in range(1, t):
+        noise = 0.1 * torch.randn(b, P, C, generator=g)
+        frames[:, i][same[:, i]] = (frames[:, i - 1] + noise)[same[:, i]]
+    return torch.cat([torch.randn(b, 1, C, generator=g), frames.flatten(1, 2)], 1)
+
+
+def signals(x: torch.Tensor) -> Signals:
+    return Signals(prefix=1, size=torch.ones(x.shape[0], x.shape[1], 1))
+
+
+def naive_keep(x: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The official loops written out per frame: ``[B, T, P]`` keep mask."""
+    b = x.shape[0]
+    frames = x[:, 1:].reshape(b, T, P, C)
+    keep = torch.ones(b, T, P, dtype=torch.bool)
+    k = int((1 - ratio) * P)
+    pairs = [(i, i + 1) for i in range(0, T - 1, 2)] + [(i, i + 2) for i in range(0, T - 4, 4)]
+    for s in range(b):
+        for pivot, target in pairs:
+            sim = [
+                F.cosine_similarity(frames[s, target, p], frames[s, pivot, p], 0) for p in range(P)
+            ]
+            low = sorted(range(P), key=lambda p, sim=sim: sim[p])[:k]
+            keep[s, target] = torch.tensor([p in low for p in range(P)])
+    return keep
+
+
+def test_keeps_the_least_similar_tokens_of_pruned_frames():
+    x = video()
+    out = DyCoke(frame_tokens=P, ratio=0.4)(x, signals(x))
+    keep = naive_keep(x, 0.4)
+    expected = torch.cat([torch.ones(2, 1, dtype=torch.bool), keep.flatten(1)], 1)  # CLS
+    assert torch.equal(out.index, expected.nonzero()[:, 1].view(2, -1))
+    # Pairs (0,1) (2,3) (4,5) (6,7) and window 0 (frame 2 vs 0); the official range
+    # skips window 4..7, so frame 6 stays whole.
+    assert keep[:, [0, 4, 6]].all() and not keep[:, 2].all()
+    assert out.num_tokens == DyCoke(frame_tokens=P, ratio=0.4).budget(x.shape[1], 1)[0]
+    assert out.num_tokens == 1 + T * P - 5 * (P - int(0.6 * P))
+
+
+def test_dropped_tokens_are_assigned_to_their_pivot():
+    x = video(seed=1)
+    out = DyCoke(frame_tokens=P, ratio=0.7)(x, signals(x))
+    assert (out.assign >= 0).all() and out.size.sum(1).eq(x.shape[1]).all()
+    keep = naive_keep(x, 0.7)
+    for b in range(2):
+        for t in range(T):
+            for p in range(P):
+                if keep[b, t, p]:
+                    continue
+                pivot = t - 1 if t % 2 else t - 2  # frame 4k + 2 points at 4k
+                if pivot % 4 == 2 and not keep[b, pivot, p]:
+                    pivot -= 2  # 4k + 3 -> dropped 4k + 2 -> 4k
+                slot = out.assign[b, 1 + t * P + p]
+                assert out.index[b, slot] == 1 + pivot * P + p
+
+
+def test_odd_last_frame_and_tail_are_carried_through():
+    x = video(t=T)[:, : 1 + 3 * P + 2]  # three frames and two tail tokens
+    out = DyCoke(frame_tokens=P, ratio=1.0)(x, signals(x))
+    n = x.shape[1]
+    assert out.num_tokens == n - P  # only frame 1 goes
+    torch.testing.assert_close(out.x[:, -(P + 2) :], x[:, -(P + 2) :])
+
+
+def host_inputs():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(3, 3, 32, 32, generator=g)
+    prefix = torch.randint(0, TINY.vocab, (3, 2), generator=g)
+    suffix = torch.randint(0, TINY.vocab, (3, 5), generator=g)
+    valid = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    return images, prefix, suffix, valid
+
+
+@torch.no_grad()
+def test_llava_host_cached_decoding_equals_recomputing_the_pruned_sequence():
+    images, prefix, suffix, valid = host_inputs()
+    torch.manual_seed(0)
+    # The 16 patches read as 4 frames of 4 tokens (frame-major).
+    host = LlavaHost(TINY).eval().apply(vision=DyCoke(frame_tokens=4, ratio=0.5))
+    vis, _ = host.encode_images(images, {})
+    assert vis.shape == (3, 12, TINY.hidden)
+    logits, cache = host.prefill(images, prefix, suffix, valid)
+    token = logits.argmax(-1)
+    cached = host.decode(token, cache)
+    recomputed, _ = host.prefill(
+        images, prefix, suffix, valid, extra_ids=token[:, None], replay=host.last_trace
+    )
+    torch.testing.assert_close(cached, recomputed, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_kv_pruning_hides_unselected_image_keys_from_later_layers():
+    images, prefix, suffix, valid = host_inputs()
+    torch.manual_seed(0)
+    host = LlavaHost(TINY).eval()
+    logits, cache = host.prefill(images, prefix, suffix, valid)
+    token = logits.argmax(-1)
+    masked, plain = copy.deepcopy(cache), copy.deepcopy(cache)
+    state: dict = {}
+    got = dycoke_decode_step(host, token, cache, 2, 16, layer=2, ratio=0.75, state=state)
+    pruned = state["pruned"]
+    assert pruned.sum(1).eq(16 - 4).all()
+    # The same step with those keys masked out of layers >= 2 by hand.
+    for layer_cache in masked["layers"][2:]:
+        layer_cache["valid"] = layer_cache["valid"].clone()
+        layer_cache["valid"][:, 2:18] &= ~pruned
+    torch.testing.assert_close(got, host.decode(token, masked), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, host.decode(token, plain), rtol=1e-4, atol=1e-5)
+    # A step whose attention did not change (threshold below any similarity) uses the
+    # whole cache, as in the official code; the first step always prunes.
+    full = copy.deepcopy(cache)
+    step2 = dycoke_decode_step(host, token, cache, 2, 16, layer=2, threshold=-2.0, state=state)
+    torch.testing.assert_close(step2, host.decode(token, full), rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_kv_pruning_with_zero_ratio_is_plain_decoding():
+    images, prefix, suffix, valid = host_inputs()
+    torch.manual_seed(0)
+    host = LlavaHost(TINY).eval()
+    logits, cache = host.prefill(images, prefix, suffix, valid)
+    token = logits.argmax(-1)
+    plain = host.decode(token, copy.deepcopy(cache))
+    torch.testing.assert_close(dycoke_decode_step(host, token, cache, 2, 16, ratio=0.0), plain)

@@ -1,0 +1,128 @@
+"""PruMerge's own invariants: IQR keep set, k-NN merge, extra token, PruMerge+ grid, host."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from reference.core import Signals
+from reference.llava import TINY, LlavaHost
+from reference.llava_prumerge import LLaVAPruMerge, prumerge
+from tests.reference.conftest import B, make_signals, tokens
+
+
+def outliers_numpy(a: np.ndarray) -> set[int]:
+    """The official ``outlier_dectection`` on one image's scores."""
+    q1, q3 = np.percentile(a, 25), np.percentile(a, 75)
+    return {int(i) for i in np.where(a > q3 + 1.5 * (q3 - q1))[0]}
+
+
+def peaked_signals(x, counts, seed=0):
+    """Signals whose CLS attention has ``counts[b]`` clear outliers in image b."""
+    s = make_signals(x, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    attn = torch.rand(x.shape[0], 4, x.shape[1], generator=g) * 0.01 + 0.01
+    for b, c in enumerate(counts):
+        attn[b, :, 1 + torch.randperm(x.shape[1] - 1, generator=g)[:c]] += 0.5
+    s.cls_attn = attn / attn.sum(-1, keepdim=True)
+    return s
+
+
+def test_adaptive_keep_set_is_the_iqr_outliers_in_spatial_order():
+    x = tokens()
+    s = peaked_signals(x, [3, 3, 3])
+    out = LLaVAPruMerge()(x, s)
+    a = s.cls_attn.mean(1)[:, 1:]
+    for b in range(B):
+        want = sorted(j + 1 for j in outliers_numpy(a[b].numpy()))
+        assert len(want) == 3
+        assert out.index[b, 1:-1].tolist() == want
+        assert out.index[b, -1] == -1  # the extra token is new
+    assert out.mask is None and out.x.shape[1] == 1 + 3 + 1
+
+
+def test_merge_and_extra_token_follow_the_official_loop():
+    x = tokens()
+    s = make_signals(x)
+    k_nn = 5
+    out = LLaVAPruMerge(keep_ratio=0.25, k_nn=k_nn)(x, s)
+    a = s.cls_attn.mean(1)[:, 1:]
+    keys = F.normalize(s.keys[:, 1:], dim=-1)
+    feats = x[:, 1:]
+    for b in range(B):
+        kept = a[b].topk(4).indices.tolist()
+        for slot, i in enumerate(sorted(kept)):
+            others = [j for j in range(16) if j != i]
+            sim = keys[b, others] @ keys[b, i]
+            nn = [others[t] for t in sim.topk(k_nn).indices.tolist()]
+            want = feats[b, i] + (a[b, nn, None] * feats[b, nn]).sum(0)
+            torch.testing.assert_close(out.x[b, 1 + slot], want)
+        pruned = [j for j in range(16) if j not in kept]
+        extra = (a[b, pruned, None] * feats[b, pruned]).sum(0)
+        torch.testing.assert_close(out.x[b, -1], extra)
+        assert (out.assign[b, [p + 1 for p in pruned]] == 5).all()
+        assert out.size[b, -1, 0] == len(pruned)
+
+
+def test_unequal_counts_are_padded_with_the_best_pruned_tokens():
+    x = tokens()
+    s = peaked_signals(x, [1, 3, 2])
+    out = LLaVAPruMerge()(x, s)
+    assert out.x.shape[1] == 1 + 3 + 1
+    assert out.mask is not None
+    assert out.mask.sum(1).tolist() == [1 + 1 + 1, 1 + 3 + 1, 1 + 2 + 1]
+    a = s.cls_attn.mean(1)[:, 1:]
+    # image 0 keeps one token, then its extra token, then its 2nd and 3rd best tokens
+    best = a[0].topk(3).indices + 1
+    assert out.index[0, 1] == best[0] and out.index[0, 2] == -1
+    assert out.index[0, 3:].tolist() == best[1:].tolist()
+
+
+def test_plus_adds_a_uniform_grid_to_the_outliers():
+    x = tokens()
+    s = peaked_signals(x, [2, 2, 2])
+    base = LLaVAPruMerge()(x, s)
+    plus = LLaVAPruMerge(plus=True)(x, s)
+    # 2 of 16 kept: step 16 // 2 = 8, stride 8 // 3 = 2 -> positions 0, 2, ..., 14
+    grid = set(range(0, 15, 2))
+    for b in range(B):
+        base_set = set(base.index[b, 1:-1].tolist())
+        idx = plus.index[b] if plus.mask is None else plus.index[b][plus.mask[b].bool()]
+        kept = {j for j in idx[1:].tolist() if j >= 0}
+        assert kept == base_set | {g + 1 for g in grid}
+
+
+def test_keep_ratio_is_exact_and_one_is_identity():
+    x = tokens()
+    out = LLaVAPruMerge(keep_ratio=0.5)(x, make_signals(x))
+    assert out.x.shape[1] == 1 + 8 + 1 == LLaVAPruMerge(keep_ratio=0.5).budget(17, 1)[0]
+    same = LLaVAPruMerge(keep_ratio=1.0)(x, make_signals(x))
+    assert torch.equal(same.x, x)
+
+
+def test_functional_core_matches_module():
+    x = tokens()
+    s = make_signals(x)
+    got = prumerge(x, s.size, s.cls_attn, s.keys, 1)
+    torch.testing.assert_close(got.x, LLaVAPruMerge()(x, Signals(**vars(s))).x)
+
+
+@torch.no_grad()
+def test_llava_host_cached_decoding_equals_recomputation():
+    torch.manual_seed(0)
+    host = LlavaHost(TINY).eval().apply(vision=LLaVAPruMerge(keep_ratio=0.25))
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(3, 3, 32, 32, generator=g)
+    prefix = torch.randint(0, TINY.vocab, (3, 2), generator=g)
+    suffix = torch.randint(0, TINY.vocab, (3, 5), generator=g)
+    valid = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    vis, red = host.encode_images(images, {})
+    assert vis.shape[1] == 4 + 1 and red is not None
+    logits, cache = host.prefill(images, prefix, suffix, valid)
+    token = logits.argmax(-1)
+    cached = host.decode(token, cache)
+    recomputed, _ = host.prefill(
+        images, prefix, suffix, valid, extra_ids=token[:, None], replay=host.last_trace
+    )
+    torch.testing.assert_close(cached, recomputed, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,156 @@
+"""MustDrop's own invariants, for all three stages (vision, prefill, decoding)."""
+
+from __future__ import annotations
+
+import torch
+
+from reference.llava import TINY, LlavaHost, LLMSignals
+from reference.mustdrop import (
+    KEY,
+    MustDrop,
+    MustDropDecoding,
+    MustDropVision,
+    dual_attention_scores,
+    window_similarity,
+)
+from tests.reference.conftest import make_signals, tokens
+from tests.reference.test_vlm_contract import inputs
+
+START, N_IMAGE, N_TEXT = 2, 16, 5
+
+
+# -- vision encoding ---------------------------------------------------------------
+def test_window_similarity_is_the_mean_off_diagonal_cosine():
+    x = tokens()[:, 1:]  # [B, 16, C], a 4x4 grid
+    sim, cells = window_similarity(x, 2)
+    assert cells[1].tolist() == [2, 3, 6, 7]
+    w = torch.nn.functional.normalize(x[0, [2, 3, 6, 7]], dim=-1)
+    pairwise = w @ w.T
+    torch.testing.assert_close(sim[0, 1], (pairwise.sum() - pairwise.trace()) / 12)
+
+
+def test_vision_merges_the_most_similar_windows_into_their_last_token():
+    x = tokens().clone()
+    x[0, 1 + torch.tensor([0, 1, 4, 5])] = x[0, 1] + 1e-3 * torch.randn(4, x.shape[-1])
+    signals = make_signals(x)
+    red = MustDropVision(window=2, merge=1, key_rate=0.25)(x, signals)
+    assert red.num_tokens == 1 + 16 - 3 and red.x.shape[1] == MustDropVision(2, 1).budget(17, 1)[0]
+    # Sample 0: window {0, 1, 4, 5} (patches) is near-duplicate, so it is the one merged.
+    assert red.index[0].tolist() == [0] + [1 + p for p in range(16) if p not in (0, 1, 4)]
+    slot = int(red.assign[0, 1 + 5])
+    assert (red.assign[0, 1 + torch.tensor([0, 1, 4, 5])] == slot).all()
+    torch.testing.assert_close(red.x[0, slot], x[0, 1 + torch.tensor([0, 1, 4, 5])].mean(0))
+    assert red.size[0, slot, 0] == 4 and red.size.sum() == x.shape[0] * 17
+    assert (red.index.diff(dim=1) > 0).all()  # spatial order kept
+    key = signals.state[KEY]
+    assert key.shape == (3, 13) and (key.sum(1) == 4).all()  # ceil(0.25 * 13)
+
+
+def test_vision_key_set_is_the_top_cls_attention():
+    x = tokens()
+    signals = make_signals(x)
+    MustDropVision(window=2, merge=0, key_rate=0.25)(x, signals)
+    top = signals.cls_attn.mean(1)[:, 1:].topk(4, dim=1).indices
+    assert torch.equal(signals.state[KEY].nonzero()[:, 1].view(3, 4), top.sort(1).values)
+
+
+@torch.no_grad()
+def test_vision_stage_through_llava_and_cached_decoding():
+    torch.manual_seed(0)
+    vision = MustDropVision(window=2, merge=2, key_rate=0.25)
+    host = LlavaHost(TINY).eval().apply(vision=vision, llm={1: MustDrop(ratio=0.5)})
+    images, prefix, suffix, valid = inputs()
+    state: dict = {}
+    logits, cache = host.prefill(images, prefix, suffix, valid, state=state)
+    (index,) = host.last_trace
+    assert index.shape[1] == START + 5 + N_TEXT  # 16 - 2*3 = 10 image tokens, half kept
+    assert (state[KEY].sum(1) == 3).all()  # the ceil(0.25 * 10) key tokens all survived
+    token = logits.argmax(-1)
+    cached = host.decode(token, cache)
+    recomputed, _ = host.prefill(
+        images, prefix, suffix, valid, extra_ids=token[:, None], replay=list(host.last_trace)
+    )
+    torch.testing.assert_close(cached, recomputed, rtol=1e-4, atol=1e-5)
+
+
+# -- prefilling ----------------------------------------------------------------------
+def llm_case(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    n = START + N_IMAGE + N_TEXT
+    h = torch.randn(2, n, 8, generator=g)
+    attn = (3 * torch.randn(2, 4, n, n, generator=g)).softmax(-1)
+    valid = torch.ones(2, n, dtype=torch.bool)
+    valid[1, -2:] = False
+    return h, attn, valid
+
+
+def official_filter(attn, start, length, gthr, ithr):
+    """The official rule for one sample ``attn [H, N, N]``: keep unless both are low."""
+    a = attn[:, start + length :, start : start + length].mean(0)  # [T, Nv]
+    glob = a.sum(0)
+    return ~((glob < glob.sum() * gthr) & (a.max(0).values < ithr))
+
+
+def test_adaptive_mode_keeps_what_the_official_threshold_rule_keeps():
+    h, attn, valid = llm_case()
+    valid[:] = True
+    gthr, ithr = 0.06, 0.15
+    expected = [official_filter(attn[i], START, N_IMAGE, gthr, ithr) for i in range(2)]
+    assert 0 < min(int(e.sum()) for e in expected) < N_IMAGE  # the case really prunes
+    for i in range(2):
+        red = MustDrop(None, gthr, ithr)(
+            h[i : i + 1], LLMSignals(START, N_IMAGE, valid[i : i + 1], attn=attn[i : i + 1])
+        )
+        kept = red.index[0, START : red.num_tokens - N_TEXT] - START
+        assert torch.equal(kept, expected[i].nonzero()[:, 0])
+
+
+def test_fixed_count_keeps_key_tokens_then_the_top_importance():
+    h, attn, valid = llm_case()
+    key = torch.zeros(2, N_IMAGE, dtype=torch.bool)
+    key[:, [0, 15]] = True
+    state = {KEY: key}
+    signals = LLMSignals(START, N_IMAGE, valid, attn=attn, state=state)
+    red = MustDrop(ratio=0.75)(h, signals)  # keeps 4
+    imp = dual_attention_scores(attn, valid, START, N_IMAGE, 1e-3, 1e-3)
+    kept = red.index[:, START : START + 4] - START
+    assert (kept[:, 0] == 0).all() and (kept[:, -1] == 15).all()
+    top_rest = imp[:, 1:15].topk(2, dim=1).indices + 1
+    assert torch.equal(kept[:, 1:3], top_rest.sort(1).values)
+    assert state[KEY].shape == (2, 4) and state[KEY].sum() == 4  # key set follows the tokens
+
+
+def test_padding_rows_are_not_queries():
+    _, attn, valid = llm_case()
+    changed = attn.clone()
+    changed[1, :, -2:] = torch.rand_like(changed[1, :, -2:])  # sample 1's padding rows
+    a = dual_attention_scores(attn, valid, START, N_IMAGE, 1e-3, 1e-3)
+    b = dual_attention_scores(changed, valid, START, N_IMAGE, 1e-3, 1e-3)
+    torch.testing.assert_close(a, b)
+
+
+# -- decoding --------------------------------------------------------------------------
+@torch.no_grad()
+def test_compressed_cache_equals_masking_the_dropped_tokens():
+    torch.manual_seed(0)
+    layers = [1, 2]
+    host = LlavaHost(TINY).eval().apply(llm={p: MustDrop(ratio=0.5) for p in layers})
+    images, prefix, suffix, valid = inputs()
+    logits, cache = host.prefill(images, prefix, suffix, valid)
+    trace = list(host.last_trace)
+    final_len = trace[-1].shape[1]
+    compressed = MustDropDecoding().apply(host, cache)
+    lengths = [lc["k"].shape[2] for lc in compressed["layers"]]
+    assert lengths == [cache["layers"][0]["k"].shape[2], final_len, final_len, final_len]
+    assert cache["layers"][1]["k"].shape[2] > final_len  # the input cache is left intact
+    # Reference: the uncompressed cache with the dropped tokens masked out.
+    masked = {**cache, "layers": [dict(lc) for lc in cache["layers"]]}
+    sel1 = trace[0].gather(1, trace[1])  # full sequence -> final set
+    for i, sel in ((1, sel1), (2, trace[1])):
+        keep = torch.zeros_like(masked["layers"][i]["valid"]).scatter_(1, sel, True)
+        masked["layers"][i]["valid"] = masked["layers"][i]["valid"] & keep
+    token = logits.argmax(-1)
+    torch.testing.assert_close(
+        host.decode(token, compressed), host.decode(token, masked), rtol=1e-4, atol=1e-5
+    )
+    assert not torch.allclose(host.decode(token, compressed), host.decode(token, cache))

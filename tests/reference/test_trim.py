@@ -1,0 +1,121 @@
+"""TRIM's own invariants: IQR outliers of the CLIP text score, a mean token of the rest."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from reference.llava import TINY, LlavaHost
+from reference.trim import TRIM, iqr_outliers, text_scores
+from tests.reference.conftest import B, N, make_signals, tokens
+
+
+def expected_kept(x: torch.Tensor, text: torch.Tensor, i: int) -> list[int]:
+    """The official rule on one image, in numpy: softmax(-sim), then Q3 + 1.5 IQR."""
+    sim = x[i, 1:].double().numpy() @ text[i].double().mean(0).numpy()
+    score = np.exp(-sim - (-sim).max())
+    score /= score.sum()
+    q1, q3 = np.percentile(score, 25), np.percentile(score, 75)
+    return [j + 1 for j in np.where(score > q3 + 1.5 * (q3 - q1))[0].tolist()]
+
+
+def test_keeps_exactly_the_iqr_outliers_in_spatial_order():
+    hits = 0
+    for seed in range(4):
+        x = tokens(seed=seed)
+        signals = make_signals(x, seed=seed)
+        out = TRIM()(x, signals)
+        for i in range(B):
+            kept = expected_kept(x, signals.state["text"], i)
+            hits += len(kept)
+            assert out.index[i, 1 : 1 + len(kept)].tolist() == kept
+            assert out.index[i, 1 + len(kept)] == -1  # then the aggregated token
+            torch.testing.assert_close(out.x[i, 1 : 1 + len(kept)], x[i, kept])
+    assert hits > 0  # the test inputs do have outliers
+
+
+def test_aggregated_token_is_the_mean_of_the_patches_not_kept():
+    x = tokens(seed=1)
+    signals = make_signals(x, seed=1)
+    out = TRIM(ratio=0.25)(x, signals)
+    assert out.num_tokens == 1 + 4 + 1 and out.mask is None
+    for i in range(B):
+        kept = set(out.index[i, 1:5].tolist())
+        dropped = [j for j in range(1, N) if j not in kept]
+        torch.testing.assert_close(out.x[i, 5], x[i, dropped].mean(0))
+        assert out.size[i, 5, 0] == len(dropped)
+        assert (out.assign[i, dropped] == 5).all()
+        assert (out.assign[i, sorted(kept)] == torch.arange(1, 5)).all()
+    assert (out.index[:, 5] == -1).all()
+
+
+def test_fixed_ratio_keeps_the_top_k_and_negate_flips_the_ranking():
+    x = tokens(seed=2)
+    signals = make_signals(x, seed=2)
+    text = signals.state["text"]
+    sim = x[:, 1:] @ text.mean(1).unsqueeze(-1)  # [B, M, 1]
+    for negate, largest in ((True, False), (False, True)):
+        out = TRIM(ratio=0.25, negate=negate)(x, signals)
+        top = sim[..., 0].topk(4, dim=1, largest=largest).indices.sort(1).values + 1
+        assert torch.equal(out.index[:, 1:5], top)
+        # The score is a softmax of (-)similarity, so its order is the similarity's.
+        score = text_scores(x[:, 1:], text, negate)
+        assert torch.equal(score.topk(4, dim=1).indices.sort(1).values + 1, top)
+        torch.testing.assert_close(score.sum(1), torch.ones(B))
+
+
+def test_iqr_rule_flags_only_the_upper_tail():
+    score = torch.tensor([[0.0, 1, 2, 3, 4, 5, 6, 7, 100, -100]])
+    assert iqr_outliers(score).tolist() == [[False] * 8 + [True, False]]
+
+
+def test_uneven_counts_are_padded_after_each_image_own_tokens():
+    x = tokens(seed=0)
+    signals = make_signals(x, seed=0)
+    out = TRIM()(x, signals)
+    counts = [len(expected_kept(x, signals.state["text"], i)) + 1 for i in range(B)]
+    assert len(set(counts)) > 1 and out.mask is not None
+    assert out.num_tokens == 1 + max(counts)
+    for i in range(B):
+        assert out.mask[i].sum() == 1 + counts[i]
+        assert (out.mask[i, : 1 + counts[i]] == 1).all() and (
+            out.mask[i, 1 + counts[i] :] == 0
+        ).all()
+        fillers = out.index[i, 1 + counts[i] :]
+        assert (fillers > 0).all() and (out.assign[i, fillers] == counts[i]).all()
+
+
+def test_without_text_the_cls_token_is_the_query():
+    x = tokens(seed=3)
+    signals = make_signals(x, seed=3)
+    with_cls = make_signals(x, seed=3)
+    with_cls.state = {"text": x[:, :1]}
+    signals.state = {}
+    torch.testing.assert_close(TRIM()(x, signals).x, TRIM()(x, with_cls).x)
+
+
+@torch.no_grad()
+def test_llava_host_cached_decoding_equals_recomputation():
+    torch.manual_seed(0)
+    host = LlavaHost(TINY).eval().apply(vision=TRIM())
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(3, 3, 32, 32, generator=g)
+    prefix = torch.randint(0, TINY.vocab, (3, 2), generator=g)
+    suffix = torch.randint(0, TINY.vocab, (3, 5), generator=g)
+    valid = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    state = {"text": torch.randn(3, 4, TINY.vision["embed_dim"], generator=g)}
+    logits, cache = host.prefill(images, prefix, suffix, valid, state=dict(state))
+    vis, red = host.encode_images(images, dict(state))
+    assert vis.shape[1] < 16 and red is not None and red.num_tokens - 1 == vis.shape[1]
+    token = logits.argmax(-1)
+    cached = host.decode(token, cache)
+    recomputed, _ = host.prefill(
+        images,
+        prefix,
+        suffix,
+        valid,
+        extra_ids=token[:, None],
+        replay=host.last_trace,
+        state=dict(state),
+    )
+    torch.testing.assert_close(cached, recomputed, rtol=1e-4, atol=1e-5)

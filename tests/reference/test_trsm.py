@@ -1,0 +1,79 @@
+"""TRSM's own invariants: text-prompt retrieval by cosine similarity, on the LLaVA host."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from reference.llava import TINY, LlavaHost
+from reference.trsm import TRSM
+from tests.reference.conftest import B, N, make_signals
+
+
+def test_keeps_the_tokens_most_similar_to_any_prompt_token(x):
+    s = make_signals(x)
+    text = s.state["text"]  # [B, T, C]
+    out = TRSM(ratio=0.5)(x, s)
+    for i in range(B):
+        rel = torch.stack(
+            [max(torch.cosine_similarity(x[i, j], t, dim=0) for t in text[i]) for j in range(1, N)]
+        )
+        expected = sorted((rel.topk(8).indices + 1).tolist())
+        assert out.index[i].tolist() == [0, *expected]
+        torch.testing.assert_close(out.x[i], x[i, [0, *expected]])
+
+
+def test_padding_prompt_tokens_are_not_queries(x):
+    s = make_signals(x)
+    text = s.state["text"]
+    noise = torch.randn(B, 3, x.shape[-1], generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([True] * text.shape[1] + [False] * 3).expand(B, -1)
+    padded = replace(s, state={"text": torch.cat([text, noise], 1), "text_mask": mask})
+    plain = TRSM(ratio=0.5)(x, s)
+    assert torch.equal(TRSM(ratio=0.5)(x, padded).index, plain.index)
+    unmasked = replace(s, state={"text": torch.cat([text, noise], 1)})
+    assert not torch.equal(TRSM(ratio=0.5)(x, unmasked).index, plain.index)
+
+
+def test_without_text_the_cls_token_is_the_query(x):
+    s = make_signals(x)
+    no_text = TRSM(ratio=0.5)(x, replace(s, state={}))
+    cls_query = TRSM(ratio=0.5)(x, replace(s, state={"text": x[:, :1]}))
+    assert torch.equal(no_text.index, cls_query.index)
+    assert not torch.equal(no_text.index, TRSM(ratio=0.5)(x, s).index)
+
+
+def _host_inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(3, 3, 32, 32, generator=g)
+    prefix = torch.randint(0, TINY.vocab, (3, 2), generator=g)
+    suffix = torch.randint(0, TINY.vocab, (3, 5), generator=g)
+    valid = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    text = torch.randn(3, 4, TINY.vision["embed_dim"], generator=g)
+    return images, prefix, suffix, valid, text
+
+
+@torch.no_grad()
+def test_llava_host_cached_decoding_equals_recomputing_the_pruned_sequence():
+    torch.manual_seed(0)
+    host = LlavaHost(TINY).eval().apply(vision=TRSM(ratio=0.25))
+    images, prefix, suffix, valid, text = _host_inputs()
+    logits, cache = host.prefill(images, prefix, suffix, valid, state={"text": text})
+    assert cache["layers"][0]["k"].shape[2] == 2 + 12 + 5  # 16 image tokens -> 12
+    token = logits.argmax(-1)
+    cached = host.decode(token, cache)
+    recomputed, _ = host.prefill(
+        images,
+        prefix,
+        suffix,
+        valid,
+        extra_ids=token[:, None],
+        replay=host.last_trace,
+        state={"text": text},
+    )
+    torch.testing.assert_close(cached, recomputed, rtol=1e-4, atol=1e-5)
+    # The prompt steers the retrieval: another prompt keeps other image tokens.
+    _, first = host.encode_images(images, {"text": text})
+    _, other = host.encode_images(images, {"text": -text})
+    assert not torch.equal(first.index, other.index)

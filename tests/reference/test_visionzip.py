@@ -1,0 +1,110 @@
+"""VisionZip's own invariants: dominant tokens by [CLS] attention, contextual merging."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from reference.llava import TINY, LlavaHost
+from reference.visionzip import VisionZip
+from tests.reference.conftest import B, N, make_signals, tokens
+
+
+def test_dominant_tokens_are_the_top_k_by_summed_cls_attention_in_order():
+    x = tokens()
+    signals = make_signals(x)
+    out = VisionZip(dominant=5, contextual=3)(x, signals)
+    score = signals.cls_attn[:, :, 1:].sum(1)  # [B, N - 1]
+    expected = score.topk(5, dim=1).indices.sort(dim=1).values + 1
+    assert out.num_tokens == 1 + 5 + 3
+    assert torch.equal(out.index[:, 1:6], expected)
+    torch.testing.assert_close(
+        out.x[:, 1:6], x.gather(1, expected[..., None].expand(-1, -1, x.shape[-1]))
+    )
+
+
+def _contextual_by_loop(x, signals, dominant, contextual):
+    """Step 2 written out per sample: spaced targets, nearest target by key cosine."""
+    result = []
+    for i in range(x.shape[0]):
+        top = signals.cls_attn[i, :, 1:].sum(0).topk(dominant).indices + 1
+        rest = [j for j in range(1, x.shape[1]) if j not in set(top.tolist())]
+        step = max(1, len(rest) // contextual)
+        targets = rest[::step][:contextual]
+        others = [j for j in rest if j not in targets]
+        metric = F.normalize(signals.keys[i], dim=-1)
+        nearest = (metric[others] @ metric[targets].T).argmax(1).tolist()
+        rows = []
+        for t_slot, t in enumerate(targets):
+            members = [o for o, s in zip(others, nearest, strict=True) if s == t_slot]
+            extra = x[i, members].mean(0) if members else torch.zeros_like(x[i, t])
+            rows.append((t, x[i, t] + extra, 1 + len(members)))
+        result.append(rows)
+    return result
+
+
+def test_contextual_tokens_are_target_plus_mean_of_their_nearest_tokens():
+    x = tokens(seed=1)
+    signals = make_signals(x, seed=1)
+    out = VisionZip(dominant=4, contextual=3)(x, signals)
+    for i, rows in enumerate(_contextual_by_loop(x, signals, 4, 3)):
+        for slot, (target, value, size) in enumerate(rows, start=1 + 4):
+            assert out.index[i, slot] == target
+            torch.testing.assert_close(out.x[i, slot], value)
+            assert out.size[i, slot, 0] == size
+            assert (out.assign[i] == slot).sum() == size
+
+
+def test_every_patch_is_accounted_for_once():
+    x = tokens(seed=3)
+    out = VisionZip(dominant=3, contextual=4)(x, make_signals(x, seed=3))
+    assert (out.assign >= 0).all()  # nothing is dropped: it is kept or merged
+    assert out.size.sum(1).eq(N).all()
+    slots = torch.arange(out.num_tokens).expand(B, -1)
+    assert torch.equal(out.assign.gather(1, out.index), slots)  # kept tokens map to themselves
+
+
+def test_degenerate_budgets():
+    x = tokens()
+    signals = make_signals(x)
+    pruned = VisionZip(dominant=5, contextual=0)(x, signals)
+    assert pruned.num_tokens == 6 and (pruned.assign == -1).sum(1).eq(N - 6).all()
+    merged = VisionZip(dominant=0, contextual=4)(x, signals)  # contextual tokens only
+    assert merged.num_tokens == 5 and merged.size.sum(1).eq(N).all()
+    whole = VisionZip(dominant=10, contextual=100)(x, signals)  # covers every token
+    torch.testing.assert_close(whole.x, x)
+    assert VisionZip(dominant=10, contextual=100).budget(N, 1) == (N, N)
+
+
+def test_bench_setting_keeps_the_requested_visual_tokens():
+    for keep, contextual in ((64, 10), (128, 20), (192, 30)):
+        method = VisionZip.bench_setting(keep, 576, TINY)["vision"]
+        assert method.contextual == contextual
+        assert method.budget(577, 1) == (1 + keep, 1 + keep)  # CLS is dropped by the host
+
+
+@torch.no_grad()
+def test_llava_host_cached_decoding_equals_recomputing_the_pruned_sequence():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(3, 3, 32, 32, generator=g)
+    prefix = torch.randint(0, TINY.vocab, (3, 2), generator=g)
+    suffix = torch.randint(0, TINY.vocab, (3, 5), generator=g)
+    valid = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    torch.manual_seed(0)
+    host = LlavaHost(TINY).eval().apply(vision=VisionZip(dominant=4, contextual=2))
+    vis, reduction = host.encode_images(images, {})
+    assert vis.shape == (3, 6, TINY.hidden) and reduction.size.sum(1).eq(N).all()
+    logits, cache = host.prefill(images, prefix, suffix, valid)
+    token = logits.argmax(-1)
+    cached = host.decode(token, cache)
+    recomputed, _ = host.prefill(
+        images, prefix, suffix, valid, extra_ids=token[:, None], replay=host.last_trace
+    )
+    torch.testing.assert_close(cached, recomputed, rtol=1e-4, atol=1e-5)
+    # Each sample gets what it gets alone (per-sample dominant and target sets).
+    for i in range(3):
+        n = int(valid[i].sum())
+        alone, _ = host.prefill(
+            images[i : i + 1], prefix[i : i + 1], suffix[i : i + 1, :n], valid[i : i + 1, :n]
+        )
+        torch.testing.assert_close(alone[0], logits[i], rtol=1e-4, atol=1e-5)
