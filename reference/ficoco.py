@@ -140,6 +140,11 @@ class FiCoCo(TokenReducer):
     where = "mid"
     test_configs: ClassVar[dict[str, dict]] = {"zero": {"r": 0}, "some": {"r": 6}}
 
+    @classmethod
+    def bench_setting(cls, keep: int, n_image: int, cfg) -> dict:
+        # One FiCoCo-V step at the host's vision hook removing all but ``keep`` patches.
+        return {"vision": cls(r=n_image - keep)}
+
     def __init__(self, r: int = 42, beta: float = 0.35, quantile: float = 0.998):
         super().__init__()
         self.r, self.beta, self.quantile = r, beta, quantile

@@ -159,6 +159,12 @@ class TRIM(TokenReducer):
         "some": {"ratio": None},
     }
 
+    @classmethod
+    def bench_setting(cls, keep: int, n_image: int, cfg) -> dict:
+        # The fixed-share variant (the paper's IQR rule adapts the count per image);
+        # the averaged token of the pruned patches comes on top.
+        return {"vision": cls(ratio=keep / n_image)}
+
     def __init__(self, ratio: float | None = None, negate: bool = True):
         """``ratio``: fraction of the patches to keep; None: the paper's IQR rule."""
         super().__init__()

@@ -85,6 +85,10 @@ class TRSM(TokenReducer):
     basis = "abstract of arXiv v1 only (no official code; method section unavailable)"
     test_configs: ClassVar[dict[str, dict]] = {"zero": {"ratio": 0.0}, "some": {"ratio": 0.5}}
 
+    @classmethod
+    def bench_setting(cls, keep: int, n_image: int, cfg) -> dict:
+        return {"vision": cls(ratio=1 - keep / n_image)}
+
     def __init__(self, ratio: float = 0.2):
         super().__init__()
         if not 0 <= ratio < 1:

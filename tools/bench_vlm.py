@@ -82,12 +82,17 @@ def run_vlm(
         for batch in batches:
             args = _inputs(batch, cfg, device, dtype)
 
-            def prefill(args=args):
-                return host.prefill(*args)
+            text = torch.randn(
+                batch, 8, cfg.vision["embed_dim"], generator=torch.Generator().manual_seed(1)
+            ).to(device, dtype)
 
-            def decode_rate(args=args, batch=batch) -> float:
+            def prefill(args=args, text=text):
+                # Random text features stand in for a text encoder (text-guided methods).
+                return host.prefill(*args, state={"text": text})
+
+            def decode_rate(prefill=prefill, batch=batch) -> float:
                 """Tokens/s of greedy decoding with the (pruned) cache of one prefill."""
-                logits, cache = host.prefill(*args)
+                logits, cache = prefill()
                 token = logits.argmax(-1)
                 _sync(device)
                 start = time.perf_counter()

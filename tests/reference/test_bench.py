@@ -50,3 +50,23 @@ def test_bench_writes_results_with_device_versions_and_shapes(tmp_path):
     assert row["model"] == "vit_tiny_patch16_224" and row["tokens_in"] == 197
     assert row["tokens_final"] < 197 and row["gflops"] < row["base_gflops"]
     assert row["speedup"] == pytest.approx(row["base_ms"] / row["method_ms"], rel=1e-2)
+
+
+VLM_BENCHMARKED = [e for e in registry.entries() if getattr(e.cls, "bench_setting", None)]
+
+
+@pytest.mark.parametrize("entry", VLM_BENCHMARKED, ids=[e.catalog_id for e in VLM_BENCHMARKED])
+def test_vlm_bench_setting_keeps_the_budget_on_the_llava_host(entry):
+    from reference.llava import TINY, LlavaHost, bench_setting
+    from tests.reference.test_vlm_contract import inputs
+
+    torch.manual_seed(0)
+    host = LlavaHost(TINY).eval()
+    setting = bench_setting(entry.cls, 4, 16, TINY)
+    host.apply(**{k: v.eval() if k == "vision" else v for k, v in setting.items()})
+    images, prefix, suffix, valid = inputs()
+    text = torch.randn(3, 8, TINY.vision["embed_dim"])
+    with torch.no_grad():
+        _, cache = host.prefill(images, prefix, suffix, valid, state={"text": text})
+    image_tokens = cache["layers"][-1]["valid"].shape[1] - 2 - 5
+    assert 4 <= image_tokens <= 5  # TRIM adds one averaged token to its budget
