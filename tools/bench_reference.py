@@ -28,6 +28,28 @@ from reference.core import Signals, TokenReducer
 MODELS = ("vit_small_patch16_224", "vit_base_patch16_224")
 
 
+def run_metadata(device: torch.device, dtype: torch.dtype, repeat: int, warmup: int) -> dict:
+    """Date, device, versions and timing protocol stored next to every result."""
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "device": {
+            "type": device.type,
+            "name": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+        },
+        "versions": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "dtype": str(dtype).removeprefix("torch."),
+        "repeat": repeat,
+        "warmup": warmup,
+    }
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -179,25 +201,7 @@ def run(
                     )
                     bar.update()
     bar.close()
-    result = {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "device": {
-            "type": device.type,
-            "name": torch.cuda.get_device_name(device)
-            if device.type == "cuda"
-            else platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-        },
-        "versions": {
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
-        "dtype": str(dtype).removeprefix("torch."),
-        "repeat": repeat,
-        "warmup": warmup,
-        "results": rows,
-    }
+    result = {**run_metadata(device, dtype, repeat, warmup), "results": rows}
     if output:
         from tools.writeout import write_atomic
 

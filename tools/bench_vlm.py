@@ -10,8 +10,6 @@ widths; on CUDA it has LLaVA-1.5-7B's shapes.
 
 from __future__ import annotations
 
-import datetime as dt
-import platform
 import statistics
 import time
 from dataclasses import asdict
@@ -21,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from reference import registry
 from reference.llava import LLAVA_15_7B, LlavaConfig, LlavaHost, bench_setting
-from tools.bench_reference import _sync, time_ms
+from tools.bench_reference import _sync, run_metadata, time_ms
 
 # CPU stand-in: LLaVA-1.5's sequence (576 visual tokens from a 336 px, /14 tower;
 # a 35-token system prompt and a 20-token instruction) with narrow, shallow
@@ -151,22 +149,7 @@ def run_vlm(
                     bar.update()
     bar.close()
     return {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "device": {
-            "type": device.type,
-            "name": torch.cuda.get_device_name(device)
-            if device.type == "cuda"
-            else platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-        },
-        "versions": {
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
-        "dtype": str(dtype).removeprefix("torch."),
-        "repeat": repeat,
-        "warmup": warmup,
+        **run_metadata(device, dtype, repeat, warmup),
         "host": asdict(cfg),
         "prompt": {"prefix": PREFIX, "suffix": SUFFIX},
         "decode_steps": DECODE_STEPS,

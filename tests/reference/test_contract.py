@@ -109,3 +109,24 @@ def test_host_with_budget_runs_and_reduces(entry):
     logits = host(torch.randn(2, 3, 32, 32))
     assert logits.shape == (2, 10) and torch.isfinite(logits).all()
     assert vit.tokens_after(host)[0] < N
+
+
+@torch.no_grad()
+def test_runs_as_the_llava_hosts_vision_stage_with_a_consistent_cache(entry):
+    """Any token reducer can prune the vision tower's output; decoding with the
+    cache it leaves equals recomputing the sequence without a cache."""
+    from reference.llava import TINY, LlavaHost
+    from tests.reference.test_vlm_contract import inputs
+
+    torch.manual_seed(0)
+    host = LlavaHost(TINY).eval().apply(vision=build(entry.cls, "some"))
+    images, prefix, suffix, valid = inputs()
+    state = {"text": torch.randn(3, 4, TINY.vision["embed_dim"])}
+    logits, cache = host.prefill(images, prefix, suffix, valid, state=dict(state))
+    assert cache["layers"][0]["valid"].shape[1] < 2 + 16 + 5
+    token = logits.argmax(-1)
+    cached = host.decode(token, cache)
+    recomputed, _ = host.prefill(
+        images, prefix, suffix, valid, extra_ids=token[:, None], state=dict(state)
+    )
+    torch.testing.assert_close(cached, recomputed, rtol=1e-4, atol=1e-5)
