@@ -117,8 +117,8 @@ def load_results(bench_dir: Path, stem: str = "reference") -> dict[str, dict]:
     return results
 
 
-def speedup_plot(result: dict) -> bytes:
-    """Bar chart: speedup of each method per model and batch, as PNG bytes."""
+def _speedup_bars(result: dict, config_of, label_of, value_key: str, xlabel: str) -> bytes:
+    """Horizontal bars: one group per method, one bar per configuration; PNG bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,57 +126,17 @@ def speedup_plot(result: dict) -> bytes:
 
     rows = result["results"]
     methods = sorted({r["method"] for r in rows})
-    configs = sorted({(r["model"], r["batch"]) for r in rows})
-    fig, ax = plt.subplots(figsize=(10, 0.35 * len(methods) + 1.5), dpi=100)
+    configs = sorted({config_of(r) for r in rows})
+    fig, ax = plt.subplots(figsize=(10, 0.12 * len(methods) * len(configs) + 1.8), dpi=100)
     height = 0.8 / max(1, len(configs))
-    for i, (model, batch) in enumerate(configs):
-        values = {
-            r["method"]: r["speedup"] for r in rows if (r["model"], r["batch"]) == (model, batch)
-        }
+    for i, config in enumerate(configs):
+        values = {r["method"]: r[value_key] for r in rows if config_of(r) == config}
         ys = [m + i * height for m in range(len(methods))]
-        label = f"{re.sub(r'_patch16_224$', '', model)}, batch {batch}"
-        ax.barh(ys, [values.get(m, 0) for m in methods], height=height, label=label)
+        ax.barh(ys, [values.get(m, 0) for m in methods], height=height, label=label_of(config))
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_yticks([m + 0.4 - height / 2 for m in range(len(methods))], methods)
     ax.invert_yaxis()
-    ax.set_xlabel("speedup of the host's forward (dense time / reduced time)")
-    ax.set_title(
-        f"{result['device']['type'].upper()} ({result['device']['name']}), "
-        f"torch {result['versions']['torch']}, {result['date'][:10]}"
-    )
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-def vlm_plot(result: dict) -> bytes:
-    """Prefill speedup of each VLM method per visual-token budget and batch, as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = result["results"]
-    methods = sorted({r["method"] for r in rows})
-    configs = sorted({(r["batch"], r["keep"]) for r in rows})
-    fig, ax = plt.subplots(figsize=(10, 0.5 * len(methods) + 1.8), dpi=100)
-    height = 0.8 / max(1, len(configs))
-    for i, (batch, keep) in enumerate(configs):
-        values = {
-            r["method"]: r["prefill_speedup"]
-            for r in rows
-            if (r["batch"], r["keep"]) == (batch, keep)
-        }
-        ys = [m + i * height for m in range(len(methods))]
-        label = f"keep {keep}/{rows[0]['visual_tokens']}, batch {batch}"
-        ax.barh(ys, [values.get(m, 0) for m in methods], height=height, label=label)
-    ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_yticks([m + 0.4 - height / 2 for m in range(len(methods))], methods)
-    ax.invert_yaxis()
-    ax.set_xlabel("prefill speedup (all visual tokens / pruned)")
+    ax.set_xlabel(xlabel)
     ax.set_title(
         f"{result['device']['type'].upper()} ({result['device']['name']}), "
         f"torch {result['versions']['torch']}, {result['date'][:10]}"
@@ -187,3 +147,26 @@ def vlm_plot(result: dict) -> bytes:
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return buffer.getvalue()
+
+
+def speedup_plot(result: dict) -> bytes:
+    """ViT host: speedup of each method per model and batch."""
+    return _speedup_bars(
+        result,
+        lambda r: (r["model"], r["batch"]),
+        lambda c: f"{re.sub(r'_patch16_224$', '', c[0])}, batch {c[1]}",
+        "speedup",
+        "speedup of the host's forward (dense time / reduced time)",
+    )
+
+
+def vlm_plot(result: dict) -> bytes:
+    """LLaVA host: prefill speedup of each method per visual-token budget and batch."""
+    total = result["results"][0]["visual_tokens"] if result["results"] else 0
+    return _speedup_bars(
+        result,
+        lambda r: (r["batch"], r["keep"]),
+        lambda c: f"keep {c[1]}/{total}, batch {c[0]}",
+        "prefill_speedup",
+        "prefill speedup (all visual tokens / pruned)",
+    )
