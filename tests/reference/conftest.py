@@ -51,3 +51,40 @@ def x() -> torch.Tensor:
 def build(cls: type[TokenReducer], config: str) -> TokenReducer:
     torch.manual_seed(0)
     return cls(**cls.test_configs[config]).eval()
+
+
+def llava_inputs(seed: int = 0, dtype=torch.float32):
+    """A padded batch for ``LlavaHost(TINY)``: 3 images, a 2-token prefix, a 5-token
+    instruction of which samples 1 and 2 use 3 and 4 tokens."""
+    from reference.llava import TINY
+
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(B, 3, 32, 32, generator=g).to(dtype)
+    prefix = torch.randint(0, TINY.vocab, (B, 2), generator=g)
+    suffix = torch.randint(0, TINY.vocab, (B, 5), generator=g)
+    valid = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    return images, prefix, suffix, valid
+
+
+@torch.no_grad()
+def assert_cached_decoding_matches(host, images, prefix, suffix, valid, state=None) -> int:
+    """Prefill, decode one token with the cache, and check it against recomputing the
+    pruned sequence without a cache (the recorded reductions replayed).
+
+    Returns the number of keys the first decoder layer cached in prefill.
+    """
+    logits, cache = host.prefill(images, prefix, suffix, valid, state=dict(state or {}))
+    cached_keys = cache["layers"][0]["k"].shape[2]
+    token = logits.argmax(-1)
+    cached = host.decode(token, cache)
+    recomputed, _ = host.prefill(
+        images,
+        prefix,
+        suffix,
+        valid,
+        extra_ids=token[:, None],
+        replay=host.last_trace,
+        state=dict(state or {}),
+    )
+    torch.testing.assert_close(cached, recomputed, rtol=1e-4, atol=1e-5)
+    return cached_keys

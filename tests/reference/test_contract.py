@@ -7,7 +7,16 @@ import torch
 
 from reference import registry, vit
 from reference.core import TokenReducer
-from tests.reference.conftest import B, N, build, make_signals, tiny_host, tokens
+from tests.reference.conftest import (
+    B,
+    N,
+    assert_cached_decoding_matches,
+    build,
+    llava_inputs,
+    make_signals,
+    tiny_host,
+    tokens,
+)
 
 # Methods that act on a token sequence with protected prefix tokens (ViT blocks, or
 # the LLaVA host's vision tower); language-model methods have their own contract.
@@ -116,17 +125,9 @@ def test_runs_as_the_llava_hosts_vision_stage_with_a_consistent_cache(entry):
     """Any token reducer can prune the vision tower's output; decoding with the
     cache it leaves equals recomputing the sequence without a cache."""
     from reference.llava import TINY, LlavaHost
-    from tests.reference.test_vlm_contract import inputs
 
     torch.manual_seed(0)
     host = LlavaHost(TINY).eval().apply(vision=build(entry.cls, "some"))
-    images, prefix, suffix, valid = inputs()
     state = {"text": torch.randn(3, 4, TINY.vision["embed_dim"])}
-    logits, cache = host.prefill(images, prefix, suffix, valid, state=dict(state))
-    assert cache["layers"][0]["valid"].shape[1] < 2 + 16 + 5
-    token = logits.argmax(-1)
-    cached = host.decode(token, cache)
-    recomputed, _ = host.prefill(
-        images, prefix, suffix, valid, extra_ids=token[:, None], state=dict(state)
-    )
-    torch.testing.assert_close(cached, recomputed, rtol=1e-4, atol=1e-5)
+    keys = assert_cached_decoding_matches(host, *llava_inputs(), state=state)
+    assert keys < 2 + 16 + 5

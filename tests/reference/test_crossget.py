@@ -7,7 +7,14 @@ import torch
 from reference.core import Signals
 from reference.crossget import CrossGET
 from reference.llava import TINY, LlavaHost
-from tests.reference.conftest import B, N, make_signals, tokens
+from tests.reference.conftest import (
+    B,
+    N,
+    assert_cached_decoding_matches,
+    llava_inputs,
+    make_signals,
+    tokens,
+)
 
 C = 32
 
@@ -122,21 +129,10 @@ def test_at_most_half_of_the_non_prefix_tokens_are_merged():
     assert out.num_tokens == N - (N - 1) // 2 == CrossGET(r=100).budget(N, 1)[0]
 
 
-@torch.no_grad()
 def test_llava_host_cached_decoding_equals_recomputation():
     torch.manual_seed(0)
     host = LlavaHost(TINY).eval().apply(vision=CrossGET(r=4))
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(B, 3, 32, 32, generator=g)
-    prefix = torch.randint(0, TINY.vocab, (B, 2), generator=g)
-    suffix = torch.randint(0, TINY.vocab, (B, 5), generator=g)
-    valid = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    g = torch.Generator().manual_seed(1)
     state = {"text": torch.randn(B, 3, TINY.vision["embed_dim"], generator=g)}
-    logits, cache = host.prefill(images, prefix, suffix, valid, state=state)
-    assert cache["layers"][0]["k"].shape[2] == 2 + 16 - 4 + 5
-    token = logits.argmax(-1)
-    cached = host.decode(token, cache)
-    recomputed, _ = host.prefill(
-        images, prefix, suffix, valid, extra_ids=token[:, None], replay=host.last_trace, state=state
-    )
-    torch.testing.assert_close(cached, recomputed, rtol=1e-4, atol=1e-5)
+    keys = assert_cached_decoding_matches(host, *llava_inputs(), state=state)
+    assert keys == 2 + 16 - 4 + 5

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from reference.core import Signals
 from reference.dycoke import DyCoke, dycoke_decode_step
 from reference.llava import TINY, LlavaHost
+from tests.reference.conftest import assert_cached_decoding_matches, llava_inputs
 
 T, P, C = 8, 3, 8
 
@@ -84,35 +85,19 @@ def test_odd_last_frame_and_tail_are_carried_through():
     torch.testing.assert_close(out.x[:, -(P + 2) :], x[:, -(P + 2) :])
 
 
-def host_inputs():
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(3, 3, 32, 32, generator=g)
-    prefix = torch.randint(0, TINY.vocab, (3, 2), generator=g)
-    suffix = torch.randint(0, TINY.vocab, (3, 5), generator=g)
-    valid = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
-    return images, prefix, suffix, valid
-
-
-@torch.no_grad()
 def test_llava_host_cached_decoding_equals_recomputing_the_pruned_sequence():
-    images, prefix, suffix, valid = host_inputs()
+    images, prefix, suffix, valid = llava_inputs()
     torch.manual_seed(0)
     # The 16 patches read as 4 frames of 4 tokens (frame-major).
     host = LlavaHost(TINY).eval().apply(vision=DyCoke(frame_tokens=4, ratio=0.5))
     vis, _ = host.encode_images(images, {})
     assert vis.shape == (3, 12, TINY.hidden)
-    logits, cache = host.prefill(images, prefix, suffix, valid)
-    token = logits.argmax(-1)
-    cached = host.decode(token, cache)
-    recomputed, _ = host.prefill(
-        images, prefix, suffix, valid, extra_ids=token[:, None], replay=host.last_trace
-    )
-    torch.testing.assert_close(cached, recomputed, rtol=1e-4, atol=1e-5)
+    assert_cached_decoding_matches(host, images, prefix, suffix, valid)
 
 
 @torch.no_grad()
 def test_kv_pruning_hides_unselected_image_keys_from_later_layers():
-    images, prefix, suffix, valid = host_inputs()
+    images, prefix, suffix, valid = llava_inputs()
     torch.manual_seed(0)
     host = LlavaHost(TINY).eval()
     logits, cache = host.prefill(images, prefix, suffix, valid)
@@ -137,7 +122,7 @@ def test_kv_pruning_hides_unselected_image_keys_from_later_layers():
 
 @torch.no_grad()
 def test_kv_pruning_with_zero_ratio_is_plain_decoding():
-    images, prefix, suffix, valid = host_inputs()
+    images, prefix, suffix, valid = llava_inputs()
     torch.manual_seed(0)
     host = LlavaHost(TINY).eval()
     logits, cache = host.prefill(images, prefix, suffix, valid)

@@ -7,7 +7,13 @@ import torch
 from reference.fastervlm import FasterVLM
 from reference.llava import TINY, LlavaHost
 from reference.vit import HostState
-from tests.reference.conftest import N, make_signals, tokens
+from tests.reference.conftest import (
+    N,
+    assert_cached_decoding_matches,
+    llava_inputs,
+    make_signals,
+    tokens,
+)
 
 
 def test_keeps_exactly_the_top_t_by_head_mean_cls_attention_in_order():
@@ -39,20 +45,11 @@ def test_ratio_gives_the_readme_token_counts():
     assert FasterVLM(tokens=100).budget(N, 1) == (N, N)  # capped at the patch count
 
 
-def _host_inputs(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(3, 3, 32, 32, generator=g)
-    prefix = torch.randint(0, TINY.vocab, (3, 2), generator=g)
-    suffix = torch.randint(0, TINY.vocab, (3, 5), generator=g)
-    valid = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
-    return images, prefix, suffix, valid
-
-
 @torch.no_grad()
 def test_llava_host_prunes_by_the_selected_layers_full_attention():
     torch.manual_seed(0)
     host = LlavaHost(TINY).eval().apply(vision=FasterVLM(tokens=5))
-    images = _host_inputs()[0]
+    images = llava_inputs()[0]
     got, reduction = host.encode_images(images, {})
     # Independently: the selected layer's full attention maps, official selection.
     vt = host.vision_tower
@@ -73,18 +70,7 @@ def test_llava_host_prunes_by_the_selected_layers_full_attention():
     assert torch.equal(reduction.index[:, 1:] - 1, mask.nonzero()[:, 1].view(3, 5))
 
 
-@torch.no_grad()
 def test_llava_host_cached_decoding_equals_recomputing_the_pruned_sequence():
     torch.manual_seed(0)
     host = LlavaHost(TINY).eval().apply(vision=FasterVLM(tokens=5))
-    images, prefix, suffix, valid = _host_inputs()
-    logits, cache = host.prefill(images, prefix, suffix, valid)
-    token = logits.argmax(-1)
-    cached = host.decode(token, cache)
-    recomputed, _ = host.prefill(
-        images, prefix, suffix, valid, extra_ids=token[:, None], replay=host.last_trace
-    )
-    torch.testing.assert_close(cached, recomputed, rtol=1e-4, atol=1e-5)
-    # And pruning changed the answer's inputs: the plain host gives other logits.
-    plain, _ = host.apply().prefill(images, prefix, suffix, valid)
-    assert not torch.allclose(plain, logits)
+    assert assert_cached_decoding_matches(host, *llava_inputs()) == 2 + 5 + 5

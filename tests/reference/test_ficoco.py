@@ -6,7 +6,14 @@ import torch
 
 from reference.ficoco import FiCoCo, FiCoCoL, local_penalty
 from reference.llava import TINY, LlavaHost, LLMSignals
-from tests.reference.conftest import B, N, make_signals, tokens
+from tests.reference.conftest import (
+    B,
+    N,
+    assert_cached_decoding_matches,
+    llava_inputs,
+    make_signals,
+    tokens,
+)
 
 
 def naive_redundancy(attn: torch.Tensor, beta: float = 0.35) -> torch.Tensor:
@@ -65,29 +72,13 @@ def test_budget_never_discards_every_patch():
     assert out.num_tokens == 2 and FiCoCo(r=100).budget(N, 1) == (2, 2)
 
 
-def host_inputs():
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(3, 3, 32, 32, generator=g)
-    prefix = torch.randint(0, TINY.vocab, (3, 2), generator=g)
-    suffix = torch.randint(0, TINY.vocab, (3, 5), generator=g)
-    valid = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
-    return images, prefix, suffix, valid
-
-
-@torch.no_grad()
 def test_llava_host_cached_decoding_equals_recomputing_the_pruned_sequence():
-    images, prefix, suffix, valid = host_inputs()
+    images, prefix, suffix, valid = llava_inputs()
     torch.manual_seed(0)
     host = LlavaHost(TINY).eval().apply(vision=FiCoCo(r=10))
     vis, reduction = host.encode_images(images, {})
     assert vis.shape == (3, 6, TINY.hidden) and reduction.size.sum(1).eq(N).all()
-    logits, cache = host.prefill(images, prefix, suffix, valid)
-    token = logits.argmax(-1)
-    cached = host.decode(token, cache)
-    recomputed, _ = host.prefill(
-        images, prefix, suffix, valid, extra_ids=token[:, None], replay=host.last_trace
-    )
-    torch.testing.assert_close(cached, recomputed, rtol=1e-4, atol=1e-5)
+    assert_cached_decoding_matches(host, images, prefix, suffix, valid)
 
 
 def llm_case(seed: int = 0):
@@ -125,7 +116,7 @@ def test_ficoco_l_keeps_text_and_conserves_the_image_content():
 
 @torch.no_grad()
 def test_ficoco_l_in_the_llava_host():
-    images, prefix, suffix, valid = host_inputs()
+    images, prefix, suffix, valid = llava_inputs()
     torch.manual_seed(0)
     host = LlavaHost(TINY).eval().apply(llm={1: FiCoCoL(r=6)})
     together, _ = host.prefill(images, prefix, suffix, valid)

@@ -6,7 +6,13 @@ import torch
 
 from reference.hired import HiRED, hired_keep, tile_ids
 from reference.llava import TINY, LlavaHost
-from tests.reference.conftest import B, make_signals, tokens
+from tests.reference.conftest import (
+    B,
+    assert_cached_decoding_matches,
+    llava_inputs,
+    make_signals,
+    tokens,
+)
 
 
 def test_single_partition_keeps_the_top_k_by_head_summed_cls_attention():
@@ -70,21 +76,10 @@ def test_early_attention_comes_from_state():
     assert out.x.shape == (B, 5, 32)
 
 
-@torch.no_grad()
 def test_llava_host_cached_decoding_equals_recomputation():
     torch.manual_seed(0)
     host = LlavaHost(TINY).eval().apply(vision=HiRED(budget=0.5, grid=2))
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(3, 3, 32, 32, generator=g)
-    prefix = torch.randint(0, TINY.vocab, (3, 2), generator=g)
-    suffix = torch.randint(0, TINY.vocab, (3, 5), generator=g)
-    valid = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    images, prefix, suffix, valid = llava_inputs()
     vis, _ = host.encode_images(images, {})
     assert vis.shape[1] == 8
-    logits, cache = host.prefill(images, prefix, suffix, valid)
-    token = logits.argmax(-1)
-    cached = host.decode(token, cache)
-    recomputed, _ = host.prefill(
-        images, prefix, suffix, valid, extra_ids=token[:, None], replay=host.last_trace
-    )
-    torch.testing.assert_close(cached, recomputed, rtol=1e-4, atol=1e-5)
+    assert_cached_decoding_matches(host, images, prefix, suffix, valid)

@@ -9,7 +9,13 @@ import torch.nn.functional as F
 from reference.core import Signals
 from reference.llava import TINY, LlavaHost
 from reference.llava_prumerge import LLaVAPruMerge, prumerge
-from tests.reference.conftest import B, make_signals, tokens
+from tests.reference.conftest import (
+    B,
+    assert_cached_decoding_matches,
+    llava_inputs,
+    make_signals,
+    tokens,
+)
 
 
 def outliers_numpy(a: np.ndarray) -> set[int]:
@@ -108,21 +114,10 @@ def test_functional_core_matches_module():
     torch.testing.assert_close(got.x, LLaVAPruMerge()(x, Signals(**vars(s))).x)
 
 
-@torch.no_grad()
 def test_llava_host_cached_decoding_equals_recomputation():
     torch.manual_seed(0)
     host = LlavaHost(TINY).eval().apply(vision=LLaVAPruMerge(keep_ratio=0.25))
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(3, 3, 32, 32, generator=g)
-    prefix = torch.randint(0, TINY.vocab, (3, 2), generator=g)
-    suffix = torch.randint(0, TINY.vocab, (3, 5), generator=g)
-    valid = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    images, prefix, suffix, valid = llava_inputs()
     vis, red = host.encode_images(images, {})
     assert vis.shape[1] == 4 + 1 and red is not None
-    logits, cache = host.prefill(images, prefix, suffix, valid)
-    token = logits.argmax(-1)
-    cached = host.decode(token, cache)
-    recomputed, _ = host.prefill(
-        images, prefix, suffix, valid, extra_ids=token[:, None], replay=host.last_trace
-    )
-    torch.testing.assert_close(cached, recomputed, rtol=1e-4, atol=1e-5)
+    assert_cached_decoding_matches(host, images, prefix, suffix, valid)

@@ -7,7 +7,14 @@ import torch.nn.functional as F
 
 from reference.llava import TINY, LlavaHost
 from reference.recoverable_compression import RecoverableCompression, lof_outliers
-from tests.reference.conftest import B, N, make_signals, tokens
+from tests.reference.conftest import (
+    B,
+    N,
+    assert_cached_decoding_matches,
+    llava_inputs,
+    make_signals,
+    tokens,
+)
 
 
 def naive_lof(values: list[float], k: int) -> list[bool]:
@@ -128,28 +135,12 @@ def test_output_is_always_shorter_and_full_visual_filter_is_identity():
     assert out.num_tokens == N and out.mask is None
 
 
-@torch.no_grad()
 def test_llava_host_cached_decoding_equals_recomputation():
     torch.manual_seed(0)
     host = LlavaHost(TINY).eval().apply(vision=RecoverableCompression())
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(3, 3, 32, 32, generator=g)
-    prefix = torch.randint(0, TINY.vocab, (3, 2), generator=g)
-    suffix = torch.randint(0, TINY.vocab, (3, 5), generator=g)
-    valid = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    images, prefix, suffix, valid = llava_inputs()
+    g = torch.Generator().manual_seed(1)
     state = {"text": torch.randn(3, 4, TINY.vision["embed_dim"], generator=g)}
-    logits, cache = host.prefill(images, prefix, suffix, valid, state=dict(state))
     vis, red = host.encode_images(images, dict(state))
     assert vis.shape[1] < 16 and red is not None and red.num_tokens - 1 == vis.shape[1]
-    token = logits.argmax(-1)
-    cached = host.decode(token, cache)
-    recomputed, _ = host.prefill(
-        images,
-        prefix,
-        suffix,
-        valid,
-        extra_ids=token[:, None],
-        replay=host.last_trace,
-        state=dict(state),
-    )
-    torch.testing.assert_close(cached, recomputed, rtol=1e-4, atol=1e-5)
+    assert_cached_decoding_matches(host, images, prefix, suffix, valid, state=state)

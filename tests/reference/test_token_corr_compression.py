@@ -15,7 +15,13 @@ from reference.token_corr_compression import (
     iqr_outliers,
     select,
 )
-from tests.reference.conftest import B, N, make_signals
+from tests.reference.conftest import (
+    B,
+    N,
+    assert_cached_decoding_matches,
+    llava_inputs,
+    make_signals,
+)
 
 
 def test_density_counts_patches_with_too_many_similar_partners():
@@ -96,28 +102,8 @@ def test_max_keep_caps_the_count(x):
     assert out.num_tokens == 1 + 8 and (out.index >= 0).all()
 
 
-def _host_inputs(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(3, 3, 32, 32, generator=g)
-    prefix = torch.randint(0, TINY.vocab, (3, 2), generator=g)
-    suffix = torch.randint(0, TINY.vocab, (3, 5), generator=g)
-    valid = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
-    return images, prefix, suffix, valid
-
-
-@torch.no_grad()
 def test_llava_host_cached_decoding_equals_recomputing_the_pruned_sequence():
     torch.manual_seed(0)
     method = TokenCorrCompression(threshold=0.2, limit=3, max_keep=0.75)
     host = LlavaHost(TINY).eval().apply(vision=method)
-    images, prefix, suffix, valid = _host_inputs()
-    logits, cache = host.prefill(images, prefix, suffix, valid)
-    assert cache["layers"][0]["k"].shape[2] < 2 + 16 + 5
-    token = logits.argmax(-1)
-    cached = host.decode(token, cache)
-    recomputed, _ = host.prefill(
-        images, prefix, suffix, valid, extra_ids=token[:, None], replay=host.last_trace
-    )
-    torch.testing.assert_close(cached, recomputed, rtol=1e-4, atol=1e-5)
-    plain, _ = host.apply().prefill(images, prefix, suffix, valid)
-    assert not torch.allclose(plain, logits)
+    assert assert_cached_decoding_matches(host, *llava_inputs()) < 2 + 16 + 5

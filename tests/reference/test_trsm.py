@@ -8,7 +8,13 @@ import torch
 
 from reference.llava import TINY, LlavaHost
 from reference.trsm import TRSM
-from tests.reference.conftest import B, N, make_signals
+from tests.reference.conftest import (
+    B,
+    N,
+    assert_cached_decoding_matches,
+    llava_inputs,
+    make_signals,
+)
 
 
 def test_keeps_the_tokens_most_similar_to_any_prompt_token(x):
@@ -44,35 +50,13 @@ def test_without_text_the_cls_token_is_the_query(x):
     assert not torch.equal(no_text.index, TRSM(ratio=0.5)(x, s).index)
 
 
-def _host_inputs(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(3, 3, 32, 32, generator=g)
-    prefix = torch.randint(0, TINY.vocab, (3, 2), generator=g)
-    suffix = torch.randint(0, TINY.vocab, (3, 5), generator=g)
-    valid = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
-    text = torch.randn(3, 4, TINY.vision["embed_dim"], generator=g)
-    return images, prefix, suffix, valid, text
-
-
-@torch.no_grad()
 def test_llava_host_cached_decoding_equals_recomputing_the_pruned_sequence():
     torch.manual_seed(0)
     host = LlavaHost(TINY).eval().apply(vision=TRSM(ratio=0.25))
-    images, prefix, suffix, valid, text = _host_inputs()
-    logits, cache = host.prefill(images, prefix, suffix, valid, state={"text": text})
-    assert cache["layers"][0]["k"].shape[2] == 2 + 12 + 5  # 16 image tokens -> 12
-    token = logits.argmax(-1)
-    cached = host.decode(token, cache)
-    recomputed, _ = host.prefill(
-        images,
-        prefix,
-        suffix,
-        valid,
-        extra_ids=token[:, None],
-        replay=host.last_trace,
-        state={"text": text},
-    )
-    torch.testing.assert_close(cached, recomputed, rtol=1e-4, atol=1e-5)
+    images, prefix, suffix, valid = llava_inputs()
+    text = torch.randn(3, 4, TINY.vision["embed_dim"], generator=torch.Generator().manual_seed(1))
+    keys = assert_cached_decoding_matches(host, images, prefix, suffix, valid, {"text": text})
+    assert keys == 2 + 12 + 5  # 16 image tokens -> 12
     # The prompt steers the retrieval: another prompt keeps other image tokens.
     _, first = host.encode_images(images, {"text": text})
     _, other = host.encode_images(images, {"text": -text})

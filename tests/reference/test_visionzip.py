@@ -7,7 +7,14 @@ import torch.nn.functional as F
 
 from reference.llava import TINY, LlavaHost
 from reference.visionzip import VisionZip
-from tests.reference.conftest import B, N, make_signals, tokens
+from tests.reference.conftest import (
+    B,
+    N,
+    assert_cached_decoding_matches,
+    llava_inputs,
+    make_signals,
+    tokens,
+)
 
 
 def test_dominant_tokens_are_the_top_k_by_summed_cls_attention_in_order():
@@ -83,28 +90,10 @@ def test_bench_setting_keeps_the_requested_visual_tokens():
         assert method.budget(577, 1) == (1 + keep, 1 + keep)  # CLS is dropped by the host
 
 
-@torch.no_grad()
 def test_llava_host_cached_decoding_equals_recomputing_the_pruned_sequence():
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(3, 3, 32, 32, generator=g)
-    prefix = torch.randint(0, TINY.vocab, (3, 2), generator=g)
-    suffix = torch.randint(0, TINY.vocab, (3, 5), generator=g)
-    valid = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    images, prefix, suffix, valid = llava_inputs()
     torch.manual_seed(0)
     host = LlavaHost(TINY).eval().apply(vision=VisionZip(dominant=4, contextual=2))
     vis, reduction = host.encode_images(images, {})
     assert vis.shape == (3, 6, TINY.hidden) and reduction.size.sum(1).eq(N).all()
-    logits, cache = host.prefill(images, prefix, suffix, valid)
-    token = logits.argmax(-1)
-    cached = host.decode(token, cache)
-    recomputed, _ = host.prefill(
-        images, prefix, suffix, valid, extra_ids=token[:, None], replay=host.last_trace
-    )
-    torch.testing.assert_close(cached, recomputed, rtol=1e-4, atol=1e-5)
-    # Each sample gets what it gets alone (per-sample dominant and target sets).
-    for i in range(3):
-        n = int(valid[i].sum())
-        alone, _ = host.prefill(
-            images[i : i + 1], prefix[i : i + 1], suffix[i : i + 1, :n], valid[i : i + 1, :n]
-        )
-        torch.testing.assert_close(alone[0], logits[i], rtol=1e-4, atol=1e-5)
+    assert_cached_decoding_matches(host, images, prefix, suffix, valid)

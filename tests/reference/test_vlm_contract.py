@@ -7,6 +7,7 @@ import torch
 
 from reference import registry
 from reference.llava import TINY, LlavaHost, LLMReducer
+from tests.reference.conftest import llava_inputs
 
 LLM_ENTRIES = [e for e in registry.entries() if issubclass(e.cls, LLMReducer)]
 B = 3
@@ -14,13 +15,7 @@ N_IMAGE = 16  # TINY: 32 px images, 8 px patches
 LAYER = 1
 
 
-def inputs(seed: int = 0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(B, 3, 32, 32, generator=g).to(dtype)
-    prefix = torch.randint(0, TINY.vocab, (B, 2), generator=g)
-    suffix = torch.randint(0, TINY.vocab, (B, 5), generator=g)
-    valid = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
-    return images, prefix, suffix, valid
+inputs = llava_inputs  # the padded batch every LLaVA-host test uses
 
 
 def host_with(entry, config: str, dtype=torch.float32) -> LlavaHost:
