@@ -2,7 +2,8 @@
 """Set up and run the project with one command each.
 
     python dev.py build   # create .venv if needed, install, validate -> README -> site
-    python dev.py test    # also installs Debian's chromium (as root); lint, checks, pytest
+    python dev.py test    # also installs Debian's chromium (as root) and the pinned Node
+                          # tools (npm ci); lint, checks, awesome-lint, pytest
 
 Only the Python standard library is used here, so this runs on a bare Python 3.11
 with pip. Installation is skipped while pyproject.toml is unchanged.
@@ -23,6 +24,8 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PYTHON = BIN / "python"
 STAMP = VENV / ".installed"
+NODE_MODULES = ROOT / "node_modules"
+NODE_STAMP = NODE_MODULES / ".installed"
 
 
 def run(*cmd: str | Path) -> None:
@@ -52,6 +55,18 @@ def ensure_env() -> None:
     STAMP.write_text(wanted + "\n")
 
 
+def ensure_node_tools() -> None:
+    """awesome-lint and axe-core at the versions package-lock.json pins (`npm ci`)."""
+    wanted = hashlib.sha256((ROOT / "package-lock.json").read_bytes()).hexdigest()
+    if NODE_STAMP.is_file() and NODE_STAMP.read_text().strip() == wanted:
+        return
+    npm = shutil.which("npm")
+    if npm is None:
+        sys.exit("! npm not found: install Node.js 20 or newer (Debian's nodejs and npm)")
+    run(npm, "ci", "--no-audit", "--no-fund", "--loglevel=error")
+    NODE_STAMP.write_text(wanted + "\n")
+
+
 def ensure_browser() -> None:
     """Debian's Chromium for the site tests (never a browser build downloaded by a tool)."""
     if shutil.which("chromium"):
@@ -75,9 +90,12 @@ def build() -> None:
 
 def test() -> None:
     ensure_browser()
+    ensure_node_tools()
     run(PYTHON, "-m", "ruff", "check", ".")
     run(PYTHON, "-m", "ruff", "format", "--check", ".")
     run(PYTHON, "-m", "tools", "build", "--check")
+    # The awesome-list convention (https://github.com/sindresorhus/awesome): zero errors.
+    run(NODE_MODULES / ".bin" / "awesome-lint", "README.md")
     run(PYTHON, "-m", "pytest", "-q")
 
 

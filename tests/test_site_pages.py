@@ -6,7 +6,7 @@ import markdown
 import pytest
 
 from tools.loader import load_catalog
-from tools.site import pages
+from tools.site import index_page, pages
 
 SCRIPT = "<script>alert(1)</script>"
 
@@ -39,7 +39,7 @@ def test_paper_page_escapes_every_catalog_string(catalog):
 
 
 def test_index_page_lists_every_paper_once(catalog):
-    text = pages.index_page(catalog)
+    text = index_page.index_page(catalog)
     for paper in catalog.papers:
         assert text.count(f'data-id="{paper.id}"') == 1
 

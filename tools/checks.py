@@ -55,10 +55,16 @@ def check_entry(entry: Entry, taxonomy: Taxonomy, reference_dir: Path) -> list[P
         first_month = f"20{paper.arxiv[:2]}-{paper.arxiv[2:4]}"
         if paper.released > first_month:
             add("released", f"{paper.released} is after the arXiv submission month {first_month}")
-        if paper.links.abstract != f"https://arxiv.org/abs/{paper.arxiv}":
-            add("links.abstract", f"expected https://arxiv.org/abs/{paper.arxiv}")
-        if paper.links.pdf and paper.links.pdf != f"https://arxiv.org/pdf/{paper.arxiv}":
-            add("links.pdf", f"expected https://arxiv.org/pdf/{paper.arxiv}")
+        abstract = f"https://arxiv.org/abs/{paper.arxiv}"
+        pinned = paper.links.abstract.removeprefix(abstract)
+        if not paper.links.abstract.startswith(abstract) or pinned[:1] not in ("", "v"):
+            add("links.abstract", f"expected {abstract} (or {abstract}vN to pin a version)")
+        elif paper.links.pdf and paper.links.pdf != f"https://arxiv.org/pdf/{paper.arxiv}{pinned}":
+            add(
+                "links.pdf",
+                f"expected https://arxiv.org/pdf/{paper.arxiv}{pinned}"
+                + (" (the version the abstract link pins)" if pinned else ""),
+            )
     elif paper.openreview:
         forum = f"https://openreview.net/forum?id={paper.openreview}"
         if paper.links.abstract != forum:

@@ -31,6 +31,7 @@ class Catalog:
     root: Path
     taxonomy: Taxonomy
     entries: tuple[Entry, ...]
+    reference_dir: Path = paths.REFERENCE
 
     @property
     def papers(self) -> list[PaperBase]:
@@ -127,4 +128,4 @@ def load_catalog(root: Path = paths.CATALOG, reference_dir: Path = paths.REFEREN
     if problems:
         raise CatalogInvalid(problems)
     entries.sort(key=lambda e: (-int(e.paper.released.replace("-", "")), e.paper.name.lower()))
-    return Catalog(root, taxonomy, tuple(entries))
+    return Catalog(root, taxonomy, tuple(entries), reference_dir)

@@ -32,7 +32,8 @@ SLUG = r"^[a-z][a-z0-9_]*$"
 _HTML_TAG = re.compile(r"</?[A-Za-z!][^>]*>")
 _MD_LINK = re.compile(r"\]\s*\(|!\[")
 _URL = re.compile(r"^https?://[A-Za-z0-9.-]+\.[A-Za-z]{2,}(:\d+)?(/[^\s<>\"]*)?$")
-_ARXIV_URL = re.compile(r"^https://arxiv\.org/(abs|pdf)/\d{4}\.\d{4,5}$")
+# A version suffix pins one version, for an id whose newest version is another paper.
+_ARXIV_URL = re.compile(r"^https://arxiv\.org/(abs|pdf)/\d{4}\.\d{4,5}(v[1-9]\d*)?$")
 
 
 def _plain_text(value: str) -> str:
@@ -63,7 +64,8 @@ def _link(value: str) -> str:
     if "arxiv.org" in value.split("/")[2] and not _ARXIV_URL.match(value):
         raise ValueError(
             f"malformed arXiv URL {value!r}: use https://arxiv.org/abs/<id> or "
-            "https://arxiv.org/pdf/<id>, without a version or a .pdf suffix"
+            "https://arxiv.org/pdf/<id> (a version such as v1 only to pin one), "
+            "without a .pdf suffix"
         )
     return value
 
@@ -91,6 +93,9 @@ class Links(_Strict):
     abstract: Link
     pdf: Link | None = None
     code: Link | None = None
+    # False when the official repository exists but holds no code yet ("coming soon"):
+    # the link is still shown, but the paper does not count as having official code.
+    code_released: bool = True
     project: Link | None = None
 
 
@@ -126,9 +131,33 @@ class PaperBase(_Strict):
         return int(self.released[:4])
 
     @property
+    def published(self) -> bool:
+        """A peer-reviewed venue is confirmed (``venue`` is not the ``arXiv`` placeholder)."""
+        return self.venue != "arXiv"
+
+    @property
+    def venue_label(self) -> str:
+        """The venue as shown: ``ECCV 2024``; ``arXiv`` or ``OpenReview`` when unpublished."""
+        if self.published:
+            return self.venue
+        return "arXiv" if self.arxiv else "OpenReview"
+
+    @property
     def venue_series(self) -> str:
-        """``ICLR`` for ``ICLR 2023``; ``arXiv`` when unpublished."""
-        return self.venue.rsplit(" ", 1)[0] if self.venue != "arXiv" else "arXiv"
+        """``ICLR`` for ``ICLR 2023``; ``arXiv`` (or ``OpenReview``) when unpublished."""
+        return self.venue.rsplit(" ", 1)[0] if self.published else self.venue_label
+
+    @property
+    def has_code(self) -> bool:
+        """Official code is linked and released (not an empty "coming soon" repository)."""
+        return self.links.code is not None and self.links.code_released
+
+    @property
+    def display_title(self) -> str:
+        """``Name: Title``, or the title alone when it already starts with the short name."""
+        if self.title.casefold().startswith(self.name.casefold()):
+            return self.title
+        return f"{self.name}: {self.title}"
 
 
 def _terms(taxonomy: Taxonomy, facet: str):

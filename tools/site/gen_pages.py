@@ -15,7 +15,7 @@ import mkdocs_gen_files
 from tools import paths
 from tools.loader import load_catalog
 from tools.problems import CatalogInvalid
-from tools.site import pages, reference_pages
+from tools.site import benchmarks, index_page, pages, reference_pages
 from tools.site.feed import render_feed
 
 
@@ -34,11 +34,14 @@ def main() -> None:
     config = mkdocs_gen_files.config
     options = pages.SiteOptions(edit_base=config["extra"].get("edit_base") or "")
 
+    results = reference_pages.load_results(paths.CATALOG_BENCH.parent)
+    vlm_results = reference_pages.load_results(paths.CATALOG_BENCH.parent, "vlm")
     write("index.md", pages.home_page(catalog))
-    write("papers/index.md", pages.index_page(catalog))
+    write("papers/index.md", index_page.index_page(catalog))
     for entry in catalog.entries:
         paper = entry.paper
-        write(f"papers/{paper.id}.md", pages.paper_page(catalog, paper, options))
+        speed = benchmarks.paper_speed(paper, results, vlm_results)
+        write(f"papers/{paper.id}.md", pages.paper_page(catalog, paper, options, speed=speed))
         # The entry itself ships with the site: "Edit this page" falls back to it.
         write(f"catalog/papers/{paper.id}.yaml", entry.path.read_text(encoding="utf-8"))
         mkdocs_gen_files.set_edit_path(f"papers/{paper.id}.md", f"catalog/papers/{paper.id}.yaml")
@@ -47,8 +50,7 @@ def main() -> None:
     write("feed.xml", render_feed(catalog, config["site_url"] or "http://127.0.0.1:8000/"))
     for path, text in pages.downloads(catalog).items():
         write(path, text)
-    results = reference_pages.load_results(paths.CATALOG_BENCH.parent)
-    vlm_results = reference_pages.load_results(paths.CATALOG_BENCH.parent, "vlm")
+    write("comparison.md", benchmarks.comparison_page(catalog, results, vlm_results))
     write("performance.md", pages.performance_page(paths.CATALOG_BENCH, results, vlm_results))
     plots = [(f"speedup-{d}", r, reference_pages.speedup_plot) for d, r in results.items()]
     plots += [(f"vlm-prefill-{d}", r, reference_pages.vlm_plot) for d, r in vlm_results.items()]

@@ -89,10 +89,6 @@ def home_page(catalog: Catalog) -> str:
     )
 
 
-def index_page(catalog: Catalog) -> str:
-    return _render("index.md.j2", papers=catalog.papers, facets=FACETS, facet_values=facet_values)
-
-
 def page_title(paper: PaperBase) -> str:
     """Browser and search title: the short name and the title, once each."""
     if paper.title.lower().startswith(paper.name.lower()):
@@ -100,7 +96,8 @@ def page_title(paper: PaperBase) -> str:
     return f"{paper.name}: {paper.title}"
 
 
-def paper_page(catalog: Catalog, paper: PaperBase, options: SiteOptions) -> str:
+def paper_page(catalog: Catalog, paper: PaperBase, options: SiteOptions, speed: str = "") -> str:
+    """``speed``: an HTML fragment with the measured speedup (``tools.site.benchmarks``)."""
     front_matter = yaml.safe_dump(
         # MkDocs themes insert the page title and description unescaped.
         {
@@ -118,6 +115,7 @@ def paper_page(catalog: Catalog, paper: PaperBase, options: SiteOptions) -> str:
         bibtex=render_entry(paper, catalog.taxonomy).rstrip("\n"),
         edit_url=options.edit_url(paper, depth=2),
         taxonomy=catalog.taxonomy,
+        speed=Markup(speed),
     )
 
 
