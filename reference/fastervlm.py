@@ -1,7 +1,7 @@
 """FasterVLM: keep the image tokens that the vision tower's [CLS] attends to most.
 
 Paper: "[CLS] Attention is All You Need for Training-Free Visual Token Pruning:
-Make VLM Inference Faster", https://arxiv.org/abs/2412.01818 (v1)
+Make VLM Inference Faster", https://arxiv.org/abs/2412.01818v1
 Official code: https://github.com/Theia-4869/FasterVLM
 (``llava/model/multimodal_encoder/clip_encoder.py``: ``feature_select``;
 ``llava/model/llava_arch.py``: ``encode_images``)

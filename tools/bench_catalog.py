@@ -48,10 +48,14 @@ def generate_catalog(target: Path, count: int) -> None:
     templates = [yaml.safe_load(p.read_text(encoding="utf-8")) for p in sources]
     for index in range(count):
         data = dict(templates[index % len(templates)])
-        year, month = 2015 + index % 10, 1 + (index // 10) % 12
+        # 2018-2025: after the earliest release the checks accept, before today.
+        year, month = 2018 + index % 8, 1 + (index // 8) % 12
         arxiv_id = f"{year % 100:02d}{month:02d}.{10000 + index:05d}"
         data.update(
             id=f"paper_{index:05d}",
+            # Titles and short names must be unique across the catalog.
+            name=f"{data['name']} {index}",
+            title=f"{data['title']} ({index})",
             arxiv=arxiv_id,
             openreview=None,
             released=f"{year}-{month:02d}",

@@ -6,13 +6,14 @@ Per-field rules (types, enums, URL and id forms) live in ``tools.schema``.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from tools.problems import Problem
-from tools.refs import check_references
+from tools.refs import INFRASTRUCTURE, check_references
 from tools.schema import FIELD_ORDER
 from tools.taxonomy import Taxonomy
 
@@ -21,6 +22,9 @@ if TYPE_CHECKING:
 
 # Query parameters that change how a page looks, not what it is.
 _COSMETIC_QUERY = {"tab", "utm_source", "utm_medium", "utm_campaign"}
+_YEAR = re.compile(r"^[0-9]{4}$")
+# Token compression acts on Transformers (arXiv 1706.03762); nothing in scope is older.
+EARLIEST_RELEASE = "2017-06"
 _ERRATA_FIELDS = {*FIELD_ORDER, "links.abstract", "links.pdf", "links.code", "links.project"}
 
 
@@ -70,9 +74,13 @@ def check_entry(entry: Entry, taxonomy: Taxonomy, reference_dir: Path) -> list[P
         if paper.links.abstract != forum:
             add("links.abstract", f"expected {forum}")
 
+    if paper.released < EARLIEST_RELEASE:
+        add("released", f"{paper.released} is before {EARLIEST_RELEASE}, the Transformer's debut")
+    elif paper.released > dt.date.today().strftime("%Y-%m"):
+        add("released", f"{paper.released} is in the future")
     if paper.venue != "arXiv":
         series, _, year = paper.venue.rpartition(" ")
-        if series not in taxonomy.venue_series or not (year.isdigit() and len(year) == 4):
+        if series not in taxonomy.venue_series or not _YEAR.match(year):
             add(
                 "venue",
                 f"{paper.venue!r}: expected 'arXiv' or '<series> <year>' with a series from "
@@ -97,13 +105,20 @@ def check_entry(entry: Entry, taxonomy: Taxonomy, reference_dir: Path) -> list[P
                     f"{erratum.field!r} is not a field of an entry",
                 )
             )
-    if paper.reference and not (reference_dir / f"{paper.reference}.py").is_file():
+    if paper.reference in INFRASTRUCTURE:
+        add(
+            "reference",
+            f"reference/{paper.reference}.py is shared infrastructure, not one paper's module",
+        )
+    elif paper.reference and not (reference_dir / f"{paper.reference}.py").is_file():
         add("reference", f"no module reference/{paper.reference}.py")
     return problems
 
 
-def _duplicates(entries: list[Entry], key, field: str, what: str) -> list[Problem]:
-    """One problem per entry that shares ``key(entry)`` with an earlier one."""
+def _duplicates(entries: list[Entry], key, field: str, what: str, shown=None) -> list[Problem]:
+    """One problem per entry that shares ``key(entry)`` with an earlier one.
+
+    ``shown(entry, value)`` is what the message quotes (default: the compared value)."""
     seen: dict[str, Entry] = {}
     problems = []
     for entry in entries:
@@ -117,13 +132,25 @@ def _duplicates(entries: list[Entry], key, field: str, what: str) -> list[Proble
                         entry.path,
                         entry.line(*field.split(".")),
                         field,
-                        f"{what} {value} is also used by {first.path.name}",
+                        f"{what} {shown(entry, value) if shown else value} is also used by "
+                        f"{first.path.name}",
                     )
                 )
     return problems
 
 
-def check_catalog(entries: list[Entry], taxonomy: Taxonomy, reference_dir: Path) -> list[Problem]:
+def _text_key(text: str) -> str:
+    """Titles and names compared without case, spacing or punctuation differences."""
+    return " ".join(re.sub(r"[^\w]+", " ", text.casefold()).split())
+
+
+def check_catalog(
+    entries: list[Entry],
+    taxonomy: Taxonomy,
+    reference_dir: Path,
+    unreadable: set[str] = frozenset(),
+) -> list[Problem]:
+    """``unreadable``: ids of entry files that failed to load (no follow-on problems for them)."""
     problems: list[Problem] = []
     for entry in entries:
         problems += check_entry(entry, taxonomy, reference_dir)
@@ -142,7 +169,15 @@ def check_catalog(entries: list[Entry], taxonomy: Taxonomy, reference_dir: Path)
                 )
             )
 
-    problems += check_references(entries, reference_dir)
+    problems += check_references(entries, reference_dir, unreadable)
+    for field, what in (("title", "the title"), ("name", "the short name")):
+        problems += _duplicates(
+            entries,
+            lambda e, field=field: [_text_key(getattr(e.paper, field))],
+            field,
+            what,
+            lambda e, _, field=field: repr(getattr(e.paper, field)),
+        )
     problems += _duplicates(entries, lambda e: [e.paper.arxiv], "arxiv", "arXiv id")
     problems += _duplicates(entries, lambda e: [e.paper.openreview], "openreview", "OpenReview id")
     problems += _duplicates(entries, lambda e: [e.paper.reference], "reference", "module")

@@ -5,15 +5,19 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
+import re
 import sys
 import time
 from pathlib import Path
 
 from tools import paths
+from tools.files import DOCUMENT_LIMIT, UnreadableFile, describe_os_error, read_text
 from tools.loader import Catalog, load_catalog
 from tools.problems import CatalogInvalid
 from tools.render_readme import ReadmeError, render_readme
-from tools.writeout import write_atomic
+from tools.schema import SLUG
+from tools.writeout import write_all, write_atomic
 
 
 def _load(args) -> Catalog:
@@ -21,7 +25,10 @@ def _load(args) -> Catalog:
 
 
 def _stale(path: Path, text: str) -> bool:
-    return not path.is_file() or path.read_text(encoding="utf-8") != text
+    try:
+        return read_text(path, DOCUMENT_LIMIT) != text
+    except UnreadableFile:
+        return True
 
 
 def cmd_validate(args) -> int:
@@ -37,10 +44,15 @@ def cmd_validate(args) -> int:
 
 
 def _readme_text(args, catalog: Catalog) -> str:
+    """The README re-rendered, with the line endings the file has (LF or CRLF)."""
     readme = Path(args.readme)
-    if not readme.is_file():
-        raise ReadmeError(f"{readme} does not exist")
-    return render_readme(readme.read_text(encoding="utf-8"), catalog)
+    try:
+        current = read_text(readme, DOCUMENT_LIMIT)
+    except UnreadableFile as exc:
+        raise ReadmeError(f"{readme}: {exc}") from exc
+    newline = "\r\n" if "\r\n" in current else "\n"
+    rendered = render_readme(current.replace("\r\n", "\n"), catalog)
+    return rendered.replace("\n", newline)
 
 
 def _schema_text(catalog: Catalog) -> str:
@@ -64,8 +76,8 @@ def _write_or_check(outputs: dict[Path, str], check: bool) -> int:
         for path in stale:
             print(f"{path} is stale: run `python -m tools build`", file=sys.stderr)
         return 1 if stale else 0
-    for path, text in outputs.items():
-        print(f"{path}: {'written' if write_atomic(path, text) else 'unchanged'}")
+    for path, changed in write_all(outputs).items():
+        print(f"{path}: {'written' if changed else 'unchanged'}")
     return 0
 
 
@@ -101,6 +113,16 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _bad_id(paper_id: str) -> int:
+    print(
+        f"error: --id {paper_id!r} is not a catalog id: lower-case letters, digits and "
+        "underscores, starting with a letter, at most 64 characters (e.g. llava_prumerge); "
+        "nothing was written",
+        file=sys.stderr,
+    )
+    return 1
+
+
 def cmd_new(args) -> int:
     from tools.scaffold import fetch_arxiv, parse_arxiv_id, render_template, slug_for
 
@@ -112,12 +134,16 @@ def cmd_new(args) -> int:
                 f"error: arXiv {arxiv_id} is already in the catalog as {paper.id}", file=sys.stderr
             )
             return 1
+    if args.id is not None and not re.fullmatch(SLUG, args.id):
+        return _bad_id(args.id)
     meta = None if args.offline else fetch_arxiv(arxiv_id)
     if meta is None:
         print("arXiv API not reached: writing a template with the unknowns marked", file=sys.stderr)
     paper_id = args.id or slug_for(meta.title if meta else None, arxiv_id)
+    if not re.fullmatch(SLUG, paper_id):
+        return _bad_id(paper_id)
     path = Path(args.catalog) / paths.PAPERS_DIRNAME / f"{paper_id}.yaml"
-    if path.exists():
+    if os.path.lexists(path) or paper_id in {p.id for p in catalog.papers}:
         print(f"error: {path} exists; pick another --id", file=sys.stderr)
         return 1
     write_atomic(path, render_template(paper_id, arxiv_id, meta, dt.date.today()))
@@ -298,6 +324,11 @@ def main(argv: list[str] | None = None) -> int:
             print(problem, file=sys.stderr)
         print(f"{len(exc.problems)} problem(s); nothing was written", file=sys.stderr)
         return 1
-    except (ReadmeError, ValueError) as exc:
+    except (ReadmeError, ValueError) as exc:  # WriteError, ScaffoldError, UnreadableFile, ...
         print(f"error: {exc}", file=sys.stderr)
+        print("nothing was written", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{describe_os_error(exc)}", file=sys.stderr)
         return 1

@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from tools import paths
+from tools.files import ENTRY_LIMIT, UnreadableFile, describe_os_error, read_text
 from tools.problems import CatalogInvalid, Problem
 from tools.schema import Erratum, Links, PaperBase, paper_model
 from tools.taxonomy import Taxonomy, TaxonomyError, load_taxonomy
@@ -76,13 +77,12 @@ def _schema_problems(
     return problems
 
 
-def _read_entry(path: Path, model: type[PaperBase]) -> tuple[Entry | None, list[Problem]]:
+def _read_located(path: Path) -> tuple[LocatedYaml | None, list[Problem]]:
+    """Parse one entry file: a regular UTF-8 file under the size cap, one YAML mapping."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        return None, [Problem(path, 1, "", f"not UTF-8 text ({exc.reason})")]
-    try:
-        located = load_located(text)
+        located = load_located(read_text(path, ENTRY_LIMIT))
+    except UnreadableFile as exc:
+        return None, [Problem(path, 1, "", f"not read: {exc}")]
     except YamlSyntaxError as exc:
         return None, [Problem(path, exc.line, "", str(exc))]
     if not isinstance(located.data, dict):
@@ -91,6 +91,13 @@ def _read_entry(path: Path, model: type[PaperBase]) -> tuple[Entry | None, list[
         Problem(path, line, format_loc(loc), "duplicate key; YAML would keep only the last one")
         for loc, line in located.duplicate_keys
     ]
+    return located, problems
+
+
+def _read_entry(path: Path, model: type[PaperBase]) -> tuple[Entry | None, list[Problem]]:
+    located, problems = _read_located(path)
+    if located is None:
+        return None, problems
     try:
         paper = model.model_validate(located.data)
     except ValidationError as exc:
@@ -98,33 +105,60 @@ def _read_entry(path: Path, model: type[PaperBase]) -> tuple[Entry | None, list[
     return Entry(paper, path, located), problems
 
 
+def entry_files(papers_dir: Path) -> tuple[list[Path], list[Problem]]:
+    """The ``<id>.yaml`` files of ``papers/``; anything else there is a problem, not skipped."""
+    files, problems = [], []
+    try:
+        listing = sorted(papers_dir.iterdir())
+    except OSError as exc:
+        return [], [Problem(papers_dir, 1, "", f"not read: {describe_os_error(exc)}")]
+    for path in listing:
+        if path.name.startswith("."):
+            reason = "a hidden file; entries are <id>.yaml files directly in papers/"
+        elif path.is_dir():
+            reason = "a directory; entries are <id>.yaml files directly in papers/"
+        elif path.suffix != ".yaml":
+            reason = "entries must be named <id>.yaml"
+        else:
+            files.append(path)
+            continue
+        problems.append(Problem(path, 1, "", f"not read: {reason}"))
+    return files, problems
+
+
 def load_catalog(root: Path = paths.CATALOG, reference_dir: Path = paths.REFERENCE) -> Catalog:
     """Load and check the whole catalog; raise CatalogInvalid listing every problem."""
     from tools.checks import check_catalog
 
+    problems: list[Problem] = []
     taxonomy_path = root / paths.TAXONOMY_FILENAME
     try:
         taxonomy = load_taxonomy(taxonomy_path)
     except TaxonomyError as exc:
-        raise CatalogInvalid([Problem(taxonomy_path, 1, "", str(exc))]) from exc
-    model = paper_model(taxonomy)
+        taxonomy = None
+        problems += [Problem(taxonomy_path, line, f, msg) for line, f, msg in exc.problems]
     papers_dir = root / paths.PAPERS_DIRNAME
     if not papers_dir.is_dir():
-        raise CatalogInvalid([Problem(papers_dir, 1, "", "no papers/ directory in the catalog")])
+        problems.append(Problem(papers_dir, 1, "", "no papers/ directory in the catalog"))
+        raise CatalogInvalid(problems)
 
+    files, found = entry_files(papers_dir)
+    problems += found
+    if taxonomy is None:
+        # The enums are unknown, but every file can still be checked as YAML.
+        for path in files:
+            problems += _read_located(path)[1]
+        raise CatalogInvalid(problems)
+    model = paper_model(taxonomy)
     entries: list[Entry] = []
-    problems: list[Problem] = []
-    for path in sorted(papers_dir.iterdir()):
-        if path.name.startswith(".") or path.is_dir():
-            continue
-        if path.suffix != ".yaml":
-            problems.append(Problem(path, 1, "", "not read: entries must be named <id>.yaml"))
-            continue
+    for path in files:
         entry, found = _read_entry(path, model)
         problems += found
         if entry is not None:
             entries.append(entry)
-    problems += check_catalog(entries, taxonomy, reference_dir)
+    loaded = {entry.path for entry in entries}
+    failed = {path.stem for path in files if path not in loaded}
+    problems += check_catalog(entries, taxonomy, reference_dir, failed)
     if problems:
         raise CatalogInvalid(problems)
     entries.sort(key=lambda e: (-int(e.paper.released.replace("-", "")), e.paper.name.lower()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +20,17 @@ class Problem:
 
 def _display(path: Path) -> str:
     """Relative to the working directory when below it: shorter, and clickable in editors."""
+    # abspath, not resolve(): show the name the contributor sees, even for a broken
+    # link or a link loop.
     try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
+        return os.path.relpath(os.path.abspath(path)) if _below_cwd(path) else str(path)
     except ValueError:
         return str(path)
+
+
+def _below_cwd(path: Path) -> bool:
+    cwd = os.getcwd()
+    return os.path.abspath(path).startswith(cwd.rstrip(os.sep) + os.sep)
 
 
 class CatalogInvalid(Exception):

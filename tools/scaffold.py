@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import requests
 
 ARXIV_INPUT = re.compile(
-    r"^(?:https?://arxiv\.org/(?:abs|pdf)/)?(?P<id>\d{4}\.\d{4,5})(?:v\d+)?(?:\.pdf)?$"
+    r"^(?:https?://arxiv\.org/(?:abs|pdf)/)?(?P<id>[0-9]{4}\.[0-9]{4,5})(?:v[0-9]+)?(?:\.pdf)?$"
 )
 TIMEOUT_S = 15
 

@@ -22,46 +22,44 @@ from pydantic import (
 )
 
 from tools.taxonomy import Taxonomy
+from tools.text import bad_character, plain_text_problem, url_problem
 
-ARXIV_ID = r"^\d{2}(0[1-9]|1[0-2])\.\d{4,5}$"
+# [0-9], not \d: pydantic's regex engine counts every Unicode digit as \d ("２２１０...").
+ARXIV_ID = r"^[0-9]{2}(0[1-9]|1[0-2])\.[0-9]{4,5}$"
 OPENREVIEW_ID = r"^[A-Za-z0-9_-]{8,12}$"
-YEAR_MONTH = r"^(19|20)\d{2}-(0[1-9]|1[0-2])$"
-SLUG = r"^[a-z][a-z0-9_]*$"
+YEAR_MONTH = r"^(19|20)[0-9]{2}-(0[1-9]|1[0-2])$"
+SLUG = r"^[a-z][a-z0-9_]{0,63}$"
 
-# Markup that would break a Markdown list item or inject HTML when rendered.
-_HTML_TAG = re.compile(r"</?[A-Za-z!][^>]*>")
-_MD_LINK = re.compile(r"\]\s*\(|!\[")
-_URL = re.compile(r"^https?://[A-Za-z0-9.-]+\.[A-Za-z]{2,}(:\d+)?(/[^\s<>\"]*)?$")
 # A version suffix pins one version, for an id whose newest version is another paper.
-_ARXIV_URL = re.compile(r"^https://arxiv\.org/(abs|pdf)/\d{4}\.\d{4,5}(v[1-9]\d*)?$")
+_ARXIV_URL = re.compile(r"^https://arxiv\.org/(abs|pdf)/[0-9]{4}\.[0-9]{4,5}(v[1-9][0-9]*)?$")
 
 
 def _plain_text(value: str) -> str:
-    if value != value.strip():
-        raise ValueError("has leading or trailing whitespace")
-    if "\n" in value or "\r" in value:
-        raise ValueError("must be a single line")
-    if _HTML_TAG.search(value):
-        raise ValueError(
-            f"contains an HTML tag ({_HTML_TAG.search(value).group(0)!r}); plain text only"
-        )
-    if _MD_LINK.search(value):
-        raise ValueError("contains Markdown link or image syntax; plain text only")
-    if "`" in value:
-        raise ValueError("contains a backtick; plain text only")
+    problem = plain_text_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def _verbatim(value: str) -> str:
+    """Text quoted from elsewhere, line breaks included; no other control characters."""
+    char = bad_character(value.replace("\n", " ").replace("\t", " "))
+    if char:
+        raise ValueError(f"contains the invisible or control character {char}")
     return value
 
 
 def _url(value: str) -> str:
-    if not _URL.match(value):
-        raise ValueError(f"not an http(s) URL: {value!r}")
+    problem = url_problem(value)
+    if problem:
+        raise ValueError(problem)
     return value
 
 
 def _link(value: str) -> str:
     """A link we render: arXiv links must be the canonical abs/pdf form."""
     value = _url(value)
-    if "arxiv.org" in value.split("/")[2] and not _ARXIV_URL.match(value):
+    if "arxiv.org" in value.split("/")[2] and not _ARXIV_URL.fullmatch(value):
         raise ValueError(
             f"malformed arXiv URL {value!r}: use https://arxiv.org/abs/<id> or "
             "https://arxiv.org/pdf/<id> (a version such as v1 only to pin one), "
@@ -103,7 +101,9 @@ class Erratum(_Strict):
     """One place where the entry differs from the original list."""
 
     field: PlainText
-    seed: str = Field(min_length=1, description="What the original list said, verbatim.")
+    seed: Annotated[str, AfterValidator(_verbatim)] = Field(
+        min_length=1, description="What the original list said, verbatim."
+    )
     note: Sentence
 
 

@@ -3,6 +3,13 @@
 PyYAML's node tree carries marks; we build a map from a field path such as
 ``("links", "code")`` or ``("authors", 2)`` to its 1-based line so that schema
 errors can point at the line a contributor has to edit.
+
+Catalog files are small, hand-written data, so anything a hostile or broken file
+could use to exhaust the machine is refused before values are built: aliases
+(``*name``, the "billion laughs" expansion), nesting deeper than an entry ever
+needs, and values that cannot be constructed (``!!int "abc"``, a 5,000-digit
+integer). Dates stay strings: the schema parses them and reports a bad one
+(``2024-02-30``) at its line like any other field.
 """
 
 from __future__ import annotations
@@ -15,6 +22,10 @@ Path_ = tuple[str | int, ...]
 
 # libyaml's parser when PyYAML was built with it: about 15x faster on the catalog.
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# An entry nests three levels (errata -> item -> field); a few more are allowed so
+# that a misplaced indent is reported by the schema, not here.
+MAX_DEPTH = 12
+_TIMESTAMP = "tag:yaml.org,2002:timestamp"
 
 
 class YamlSyntaxError(ValueError):
@@ -36,11 +47,44 @@ class LocatedYaml:
         return self.lines.get(path, 1)
 
 
+class _Constructor(yaml.constructor.SafeConstructor):
+    """SafeConstructor that keeps dates as text: the schema parses (and reports) them."""
+
+
+_Constructor.add_constructor(_TIMESTAMP, yaml.constructor.SafeConstructor.construct_scalar)
+_VALUE_ERRORS = (ValueError, TypeError, OverflowError, AttributeError, KeyError, IndexError)
+
+
+class _LocatingConstructor(_Constructor):
+    """Slow path, run only after a value failed to build: which node, at which line."""
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep)
+        except yaml.YAMLError:
+            raise
+        except _VALUE_ERRORS as exc:
+            reason = str(exc).split("\n")[0].split(";")[0]
+            kind = node.tag.rsplit(":", 1)[-1]
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {kind} value: {reason}", node.start_mark
+            ) from exc
+
+
 def load_located(text: str) -> LocatedYaml:
     """Parse one YAML document; raise YamlSyntaxError with the offending line."""
+    located = LocatedYaml(data=None)
     try:
         node = yaml.compose(text, Loader=_LOADER)
-        data = yaml.constructor.SafeConstructor().construct_document(node) if node else None
+        if node is not None:
+            # Lines first: the walk refuses aliases and deep nesting before any value is
+            # built, which is where an alias bomb would explode.
+            _walk(node, (), located, set())
+            try:
+                located.data = _Constructor().construct_document(node)
+            except _VALUE_ERRORS:
+                _LocatingConstructor().construct_document(node)
+                raise
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
@@ -52,26 +96,44 @@ def load_located(text: str) -> LocatedYaml:
         raise YamlSyntaxError(line, f"invalid YAML: {reason}") from exc
     except yaml.YAMLError as exc:
         raise YamlSyntaxError(1, f"invalid YAML: {exc}") from exc
-    located = LocatedYaml(data=data)
-    if node is not None:
-        _walk(node, (), located)
+    except RecursionError as exc:  # libyaml composes iteratively; the pure-Python one does not
+        raise YamlSyntaxError(1, f"nested too deeply (more than {MAX_DEPTH} levels)") from exc
     return located
 
 
-def _walk(node: yaml.Node, path: Path_, out: LocatedYaml) -> None:
+def _walk(node: yaml.Node, path: Path_, out: LocatedYaml, seen: set[int]) -> None:
+    """Record lines; refuse aliases of collections and nesting deeper than MAX_DEPTH."""
+    if len(path) >= MAX_DEPTH:
+        raise YamlSyntaxError(
+            node.start_mark.line + 1,
+            f"nested more than {MAX_DEPTH} levels deep; an entry nests at most 3",
+        )
     out.lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.ScalarNode):
+        return  # an alias of a scalar cannot grow: nothing to refuse
+    if id(node) in seen:
+        raise YamlSyntaxError(
+            out.lines[path],
+            "YAML aliases (*name) are not allowed in catalog files: write the value out",
+        )
+    seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
+        keys: set[str] = set()
         for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise YamlSyntaxError(
+                    key_node.start_mark.line + 1,
+                    "a key must be a plain name, not a list or mapping",
+                )
             key = key_node.value
             child = (*path, key)
-            if key in seen:
+            if key in keys:
                 out.duplicate_keys.append((child, key_node.start_mark.line + 1))
                 continue
-            seen.add(key)
+            keys.add(key)
             out.lines[child] = key_node.start_mark.line + 1
-            _walk(value_node, child, out)
+            _walk(value_node, child, out, seen)
             out.lines[child] = key_node.start_mark.line + 1
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _walk(item, (*path, index), out)
+            _walk(item, (*path, index), out, seen)
