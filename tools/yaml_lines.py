@@ -79,9 +79,11 @@ def load_located(text: str) -> LocatedYaml:
         if node is not None:
             # Lines first: the walk refuses aliases and deep nesting before any value is
             # built, which is where an alias bomb would explode.
-            _walk(node, (), located, set())
+            constructor = _Constructor()
             try:
-                located.data = _Constructor().construct_document(node)
+                located.data = _walk(node, (), located, set(), constructor)
+            except YamlSyntaxError:
+                raise
             except _VALUE_ERRORS:
                 _LocatingConstructor().construct_document(node)
                 raise
@@ -101,16 +103,29 @@ def load_located(text: str) -> LocatedYaml:
     return located
 
 
-def _walk(node: yaml.Node, path: Path_, out: LocatedYaml, seen: set[int]) -> None:
-    """Record lines; refuse aliases of collections and nesting deeper than MAX_DEPTH."""
+_PLAIN = {"tag:yaml.org,2002:str", _TIMESTAMP}
+_MAP = "tag:yaml.org,2002:map"
+_SEQ = "tag:yaml.org,2002:seq"
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+def _walk(
+    node: yaml.Node, path: Path_, out: LocatedYaml, seen: set[int], constructor: _Constructor
+) -> object:
+    """Record lines and build the value in one pass; refuse aliases of collections and
+    nesting deeper than MAX_DEPTH before anything is built.
+
+    Strings, plain mappings and lists are built here (most of an entry, and much faster
+    than PyYAML's generic constructor); other tags go to the constructor.
+    """
     if len(path) >= MAX_DEPTH:
         raise YamlSyntaxError(
             node.start_mark.line + 1,
             f"nested more than {MAX_DEPTH} levels deep; an entry nests at most 3",
         )
     out.lines.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.ScalarNode):
-        return  # an alias of a scalar cannot grow: nothing to refuse
+    if isinstance(node, yaml.ScalarNode):  # an alias of a scalar cannot grow
+        return node.value if node.tag in _PLAIN else constructor.construct_object(node, True)
     if id(node) in seen:
         raise YamlSyntaxError(
             out.lines[path],
@@ -119,11 +134,16 @@ def _walk(node: yaml.Node, path: Path_, out: LocatedYaml, seen: set[int]) -> Non
     seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
         keys: set[str] = set()
+        mapping: dict = {}
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
                 raise YamlSyntaxError(
                     key_node.start_mark.line + 1,
                     "a key must be a plain name, not a list or mapping",
+                )
+            if key_node.tag == _MERGE:
+                raise YamlSyntaxError(
+                    key_node.start_mark.line + 1, "YAML merge keys (<<) are not allowed"
                 )
             key = key_node.value
             child = (*path, key)
@@ -132,8 +152,11 @@ def _walk(node: yaml.Node, path: Path_, out: LocatedYaml, seen: set[int]) -> Non
                 continue
             keys.add(key)
             out.lines[child] = key_node.start_mark.line + 1
-            _walk(value_node, child, out, seen)
+            value = _walk(value_node, child, out, seen, constructor)
             out.lines[child] = key_node.start_mark.line + 1
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            _walk(item, (*path, index), out, seen)
+            mapping[_walk(key_node, child, LocatedYaml(None), seen, constructor)] = value
+        return mapping if node.tag == _MAP else constructor.construct_object(node, True)
+    items = [
+        _walk(item, (*path, index), out, seen, constructor) for index, item in enumerate(node.value)
+    ]
+    return items if node.tag == _SEQ else constructor.construct_object(node, True)
