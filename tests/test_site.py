@@ -4,11 +4,15 @@ Builds the site with ``mkdocs build --strict``, serves it on 127.0.0.1 and
 drives Debian's Chromium with Playwright. Screenshots go to
 ``artifacts/screenshots/``. Without Chromium the tests skip, except under CI
 (``CI`` set), where a missing browser is a failure.
+
+The main site is built as published from ``REPOSITORY`` (``ATC_REPOSITORY``, see
+``tools/site/hooks.py``); the hostile-input site as an unpublished one.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import shutil
@@ -24,9 +28,14 @@ import pytest
 
 from tools import paths
 from tools.loader import load_catalog
+from tools.site import reference_pages
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = paths.ROOT / "artifacts" / "screenshots"
+REPOSITORY = "https://github.com/example-org/awesome-token-compress"
+SITE_URL = "https://example-org.github.io/awesome-token-compress/"
+DESKTOP = {"width": 1440, "height": 900}
+PHONE = {"width": 390, "height": 844}
 HOSTILE = {
     "title": "[CLS] *Bold* _under_ a<b & c | d",
     "summary": "Keeps *stars*, _underscores_, [CLS] brackets, a<b and &amp; as plain text.",
@@ -42,8 +51,10 @@ if not Path(CHROMIUM).exists():
 sync_api = pytest.importorskip("playwright.sync_api")
 
 
-def build_site(target: Path, catalog_dir: Path | None = None) -> None:
+def build_site(target: Path, catalog_dir: Path | None = None, repository: str = "") -> None:
     env = {**os.environ, "DISABLE_MKDOCS_2_WARNING": "true", "NO_MKDOCS_2_WARNING": "1"}
+    env.pop("SITE_URL", None)
+    env["ATC_REPOSITORY"] = repository
     if catalog_dir:
         env["ATC_CATALOG"] = str(catalog_dir)
         env["ATC_REFERENCE"] = str(catalog_dir / "no-modules")
@@ -89,8 +100,8 @@ class Browser:
         self.errors: list[str] = []
         self.external: list[str] = []
 
-    def page(self):
-        context = self.browser.new_context(viewport={"width": 1400, "height": 1000})
+    def page(self, viewport: dict | None = None, **options):
+        context = self.browser.new_context(viewport=viewport or DESKTOP, **options)
 
         def route(route):
             if urlsplit(route.request.url).hostname == "127.0.0.1":
@@ -113,7 +124,7 @@ class Browser:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     target = tmp_path_factory.mktemp("site")
-    build_site(target)
+    build_site(target, repository=REPOSITORY)
     server = Server(target)
     yield server.url, target
     server.close()
@@ -144,11 +155,22 @@ def visible_ids(page) -> list[str]:
     )
 
 
+def search(page, query: str):
+    """Type ``query`` into the search box as a person would; the result links."""
+    toggle = page.locator("label.md-header__button[for=__search]")  # a phone's search icon
+    if toggle.is_visible():
+        toggle.click()
+    else:
+        page.click(".md-search__input")
+    sync_api.expect(page.locator(".md-search__input")).to_be_focused()
+    page.keyboard.type(query)
+    return page.locator(".md-search-result__item > a")
+
+
 def test_search_for_token_merging_lists_tome(site, page):
     url, _ = site
     page.goto(url + "/")
-    page.click(".md-search__input")
-    page.keyboard.type("token merging")
+    search(page, "token merging")
     result = page.locator(".md-search-result__item", has_text="Token Merging").first
     result.wait_for(timeout=10_000)
     hrefs = page.eval_on_selector_all(
@@ -156,6 +178,59 @@ def test_search_for_token_merging_lists_tome(site, page):
     )
     shot(page, "search-token-merging")
     assert any(urlsplit(h).path.rstrip("/").endswith("papers/tome") for h in hrefs), hrefs
+
+
+@pytest.mark.parametrize(
+    ("query", "paper_id"),
+    [
+        ("FastV", "fastv"),
+        ("ToMe", "tome"),
+        ("LLaVA-PruMerge", "llava_prumerge"),
+        ("Vote&Mix", "vote_and_mix"),
+    ],
+)
+def test_search_for_a_short_name_shows_its_paper_first(site, page, query, paper_id):
+    """As the list writes it; FastV is also the start of FastVLM."""
+    url, _ = site
+    page.goto(url + "/")
+    results = search(page, query)
+    sync_api.expect(results.first).to_have_attribute(
+        "href", re.compile(rf"/papers/{paper_id}/(\?|$)"), timeout=10_000
+    )
+    if query == "FastV":
+        shot(page, "search-fastv")
+
+
+def test_search_on_a_phone_shows_the_paper_first(site, browser):
+    url, _ = site
+    page = browser.page(PHONE, is_mobile=True, has_touch=True)
+    page.goto(url + "/papers/")
+    results = search(page, "FastV")
+    sync_api.expect(results.first).to_have_attribute(
+        "href", re.compile(r"/papers/fastv/(\?|$)"), timeout=10_000
+    )
+    shot(page, "search-fastv-phone")
+    page.context.close()
+
+
+def test_search_index_holds_papers_not_reference_source(site):
+    """The reference pages' source is code, not prose: kept out of the index."""
+    _, root = site
+    raw = (root / "search" / "search_index.json").read_text(encoding="utf-8")
+    docs = json.loads(raw)["docs"]
+    text = "\n".join(d["title"] + "\n" + d["text"] for d in docs)
+    modules = reference_pages.read_modules(paths.REFERENCE)
+    assert modules
+    sources = 0
+    for module in modules:
+        sources += len(module.source)
+        for line in re.findall(r"^(?:def|class) \w+\(", module.source, re.M):
+            assert line not in text, (module.name, line)
+        assert "import torch" not in text
+    reference = sum(len(json.dumps(d)) for d in docs if d["location"].startswith("reference/"))
+    # With the source it was 1.35 times the sources (HTML-escaped code): 418 of 623 KB.
+    assert reference < 0.6 * sources
+    assert not [d for d in docs if d["location"].startswith("SUMMARY")]
 
 
 def test_filter_index_to_video_shows_exactly_the_video_papers(site, page):
@@ -194,6 +269,7 @@ def test_paper_page_shows_bibtex_and_code_link(site, page):
     tome = next(p for p in load_catalog().papers if p.id == "tome")
     page.goto(url + "/papers/tome/")
     shot(page, "paper-tome")
+    assert page.inner_text("h1").startswith("ToMe: Token Merging")
     code = page.locator(".highlight", has_text="@inproceedings{tome,").inner_text()
     assert "Bolya" in code and "booktitle = {ICLR 2023}" in code
     page.context.grant_permissions(["clipboard-read", "clipboard-write"])
@@ -203,8 +279,37 @@ def test_paper_page_shows_bibtex_and_code_link(site, page):
     assert copied.startswith("@inproceedings{tome,")
     assert page.get_attribute("a.atc-code", "href") == tome.links.code
     edit = page.get_attribute("a.atc-edit", "href")
-    assert edit.endswith("catalog/papers/tome.yaml")
-    assert "\nid: tome\n" in page.request.get(url + "/papers/tome/" + edit).text()
+    assert edit == f"{REPOSITORY}/edit/main/catalog/papers/tome.yaml"
+
+
+def test_paper_page_on_a_phone_keeps_field_names_whole(site, browser):
+    """Errata field names ("title", "links.code") never break inside the word."""
+    url, _ = site
+    page = browser.page(PHONE, is_mobile=True, has_touch=True)
+    page.goto(url + "/papers/fastv/")
+    fields = page.locator(".atc-errata .atc-field code")
+    assert fields.count() >= 1
+    lines = fields.evaluate_all("codes => codes.map(c => c.getClientRects().length)")
+    page.locator(".atc-errata").scroll_into_view_if_needed()
+    shot(page, "paper-fastv-phone-errata")
+    page.goto(url + "/papers/fastv/")
+    shot(page, "paper-fastv-phone")
+    page.context.close()
+    assert lines == [1] * len(lines)
+
+
+def test_publishing_settings_reach_canonical_links_sitemap_and_feed(site):
+    _, root = site
+    home = (root / "index.html").read_text(encoding="utf-8")
+    assert f'<link rel="canonical" href="{SITE_URL}">' in home
+    assert "127.0.0.1" not in home
+    sitemap = ET.parse(root / "sitemap.xml").getroot()
+    locs = [loc.text for loc in sitemap.iter("{http://www.sitemaps.org/schemas/sitemap/0.9}loc")]
+    assert f"{SITE_URL}papers/tome/" in locs and all(loc.startswith(SITE_URL) for loc in locs)
+    assert "api.github.com" not in home  # no repo_url: nothing fetched from GitHub
+    # literate-nav's navigation file is not a page.
+    assert not (root / "SUMMARY").exists()
+    assert not [loc for loc in locs if "SUMMARY" in loc]
 
 
 def test_every_page_loads_without_console_errors_or_outside_requests(site, browser):
@@ -234,8 +339,11 @@ def test_atom_feed(site):
     first = entries[0]
     assert first.find("a:id", ns).text.startswith("urn:awesome-token-compress:paper:")
     link = first.find("a:link[@rel='alternate']", ns).get("href")
-    assert link.startswith("http://127.0.0.1:8000/papers/")
-    assert (root / urlsplit(link).path.lstrip("/") / "index.html").is_file()
+    assert link.startswith(f"{SITE_URL}papers/")
+    path = urlsplit(link).path.removeprefix(urlsplit(SITE_URL).path)
+    assert (root / path / "index.html").is_file()
+    titles = [e.find("a:title", ns).text for e in entries]
+    assert "ATP-LLaVA: Adaptive Token Pruning for Large Vision Language Models" in titles
 
 
 @pytest.fixture(scope="module")
@@ -271,6 +379,20 @@ def hostile_site(tmp_path_factory):
     server = Server(target)
     yield server.url
     server.close()
+
+
+def test_unpublished_site_links_to_its_own_copies(hostile_site, browser):
+    """Without ATC_REPOSITORY: "Edit this page" opens the shipped YAML, the feed is relative."""
+    page = browser.page()
+    page.goto(hostile_site + "/papers/evit/")
+    edit = page.get_attribute("a.atc-edit", "href")
+    assert edit == "../../catalog/papers/evit.yaml"
+    assert "\nid: evit\n" in page.request.get(hostile_site + "/papers/evit/" + edit).text()
+    assert page.locator("link[rel=canonical]").count() == 0
+    feed = ET.fromstring(page.request.get(hostile_site + "/feed.xml").body())
+    hrefs = [link.get("href") for link in feed.iter("{http://www.w3.org/2005/Atom}link")]
+    assert "papers/evit/" in hrefs and "feed.xml" in hrefs
+    page.context.close()
 
 
 @pytest.mark.parametrize("path", ["/", "/papers/", "/papers/tome/", "/taxonomy/"])

@@ -32,31 +32,39 @@ def main() -> None:
     except CatalogInvalid as exc:
         raise SystemExit("\n".join(map(str, exc.problems))) from None
     config = mkdocs_gen_files.config
-    options = pages.SiteOptions(edit_base=config["extra"].get("edit_base") or "")
+    # Derived from ATC_REPOSITORY by tools/site/hooks.py (empty when unset).
+    options = pages.SiteOptions(
+        edit_base=config["extra"].get("edit_base") or "",
+        repository=config["extra"].get("repository") or "",
+    )
 
     results = reference_pages.load_results(paths.CATALOG_BENCH.parent)
     vlm_results = reference_pages.load_results(paths.CATALOG_BENCH.parent, "vlm")
-    write("index.md", pages.home_page(catalog))
+    write("index.md", pages.home_page(catalog, options))
     write("papers/index.md", index_page.index_page(catalog))
+    boosts = pages.search_boosts(catalog)
     for entry in catalog.entries:
         paper = entry.paper
         speed = benchmarks.paper_speed(paper, results, vlm_results)
-        write(f"papers/{paper.id}.md", pages.paper_page(catalog, paper, options, speed=speed))
+        page = pages.paper_page(catalog, paper, options, speed=speed, search_boost=boosts[paper.id])
+        write(f"papers/{paper.id}.md", page)
         # The entry itself ships with the site: "Edit this page" falls back to it.
         write(f"catalog/papers/{paper.id}.yaml", entry.path.read_text(encoding="utf-8"))
         mkdocs_gen_files.set_edit_path(f"papers/{paper.id}.md", f"catalog/papers/{paper.id}.yaml")
     write("taxonomy.md", pages.taxonomy_page(catalog))
+    # The navigation; tools/site/hooks.py keeps it from being built as a page.
     write("SUMMARY.md", pages.summary_nav())
-    write("feed.xml", render_feed(catalog, config["site_url"] or "http://127.0.0.1:8000/"))
+    write("feed.xml", render_feed(catalog, config["site_url"]))
     for path, text in pages.downloads(catalog).items():
         write(path, text)
     write("comparison.md", benchmarks.comparison_page(catalog, results, vlm_results))
     write("performance.md", pages.performance_page(paths.CATALOG_BENCH, results, vlm_results))
     plots = [(f"speedup-{d}", r, reference_pages.speedup_plot) for d, r in results.items()]
     plots += [(f"vlm-prefill-{d}", r, reference_pages.vlm_plot) for d, r in vlm_results.items()]
+    names = {p.id: p.name for p in catalog.papers}
     for name, result, plot in plots:
         with mkdocs_gen_files.open(f"performance/{name}.png", "wb") as handle:
-            handle.write(plot(result))
+            handle.write(plot(result, names))
     modules = reference_pages.read_modules(reference_dir)
     contract = reference_pages.package_docstring(paths.REFERENCE)
     write("reference/index.md", pages.reference_index_page(catalog, modules, contract))

@@ -7,7 +7,9 @@ shown as text, never interpreted as HTML or Markdown.
 
 from __future__ import annotations
 
+import bisect
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass
 from functools import cache
@@ -23,14 +25,44 @@ from tools.loader import Catalog
 from tools.markdown import md_escape
 from tools.schema import PaperBase
 from tools.site.reference_pages import describe_setting
+from tools.taxonomy import Taxonomy
 
 FACETS = ("modality", "target", "stage", "mechanism", "training")
 RECENT = 12
+# Search rank of a paper page against pages that only mention the paper (lunr document boost).
+PAPER_SEARCH_BOOST = 4
 
 
 def mdtext(value: object) -> Markup:
     """Escape for a Markdown context: HTML entities first, then Markdown syntax."""
     return Markup(md_escape(str(escape(value))))
+
+
+def slug(text: str) -> str:
+    """Lower-case ASCII letters and digits joined by '-': safe as an id and in a URL."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "term"
+
+
+@cache
+def term_anchors(taxonomy: Taxonomy) -> dict[tuple[str, str], str]:
+    """The taxonomy page's anchor of each (facet, term): ``facet-<slug of term>``.
+
+    Terms are data; an anchor made from the raw term would let a term such as
+    ``x onmouseover=alert(1)`` become attributes of its heading. Two terms whose
+    slugs collide get ``-2``, ``-3``, ... in file order.
+    """
+    anchors: dict[tuple[str, str], str] = {}
+    taken: set[str] = set()
+    for facet in FACETS:
+        for term in taxonomy.facet(facet):
+            base = anchor = f"{facet}-{slug(term)}"
+            n = 1
+            while anchor in taken:
+                n += 1
+                anchor = f"{base}-{n}"
+            taken.add(anchor)
+            anchors[facet, term] = anchor
+    return anchors
 
 
 @cache
@@ -51,9 +83,10 @@ def site_environment() -> jinja2.Environment:
 
 @dataclass(frozen=True)
 class SiteOptions:
-    """Settings from mkdocs.yml's ``extra``: where "Edit this page" points."""
+    """Publishing settings (``tools/site/hooks.py``): where "Edit this page" points."""
 
     edit_base: str = ""  # e.g. https://github.com/<org>/<repo>/edit/main/ ; empty: the YAML copy
+    repository: str = ""  # e.g. https://github.com/<org>/<repo> ; empty: not published
 
     def edit_url(self, paper: PaperBase, depth: int) -> str:
         path = f"catalog/papers/{paper.id}.yaml"
@@ -71,39 +104,97 @@ def facet_values(paper: PaperBase, facet: str) -> list[str]:
     return list(value) if isinstance(value, list | tuple) else [value]
 
 
-def home_page(catalog: Catalog) -> str:
+def newest_releases(papers: list[PaperBase], limit: int = RECENT) -> list[PaperBase]:
+    """Papers of the latest months of first release: whole months, until ``limit`` is reached."""
+    months = sorted({p.released for p in papers}, reverse=True)
+    chosen: list[PaperBase] = []
+    for month in months:
+        if len(chosen) >= limit:
+            break
+        chosen += sorted(
+            (p for p in papers if p.released == month), key=lambda p: p.name.casefold()
+        )
+    return chosen
+
+
+def recently_added(papers: list[PaperBase], limit: int = RECENT) -> list[PaperBase]:
+    """Papers added after the first day of the catalog, newest first; none while all share it."""
+    if not papers:
+        return []
+    first = min(p.added for p in papers)
+    later = [p for p in papers if p.added > first]
+    return sorted(later, key=lambda p: (p.added, p.released, p.id), reverse=True)[:limit]
+
+
+def home_page(catalog: Catalog, options: SiteOptions | None = None) -> str:
     papers = catalog.papers
     counts = {
         facet: Counter(v for p in papers for v in facet_values(p, facet)).most_common()
         for facet in ("modality", "mechanism")
     }
     years = sorted(Counter(p.year for p in papers).items(), reverse=True)
-    recent = sorted(papers, key=lambda p: (p.added, p.released), reverse=True)[:RECENT]
     return _render(
         "home.md.j2",
         papers=papers,
+        with_code=sum(p.has_code for p in papers),
+        with_reference=sum(p.reference is not None for p in papers),
         counts=counts,
         years=years,
-        recent=recent,
+        newest=newest_releases(papers),
+        recent=recently_added(papers),
         taxonomy=catalog.taxonomy,
+        anchors=term_anchors(catalog.taxonomy),
+        repository=(options or SiteOptions()).repository,
     )
 
 
-def page_title(paper: PaperBase) -> str:
-    """Browser and search title: the short name and the title, once each."""
-    if paper.title.lower().startswith(paper.name.lower()):
-        return paper.title
-    return f"{paper.name}: {paper.title}"
+def _search_words(name: str) -> str:
+    return " ".join(re.findall(r"[0-9a-z]+", name.casefold()))
 
 
-def paper_page(catalog: Catalog, paper: PaperBase, options: SiteOptions, speed: str = "") -> str:
-    """``speed``: an HTML fragment with the measured speedup (``tools.site.benchmarks``)."""
+def search_boosts(catalog: Catalog) -> dict[str, float]:
+    """The lunr document boost of each paper page, by paper id.
+
+    Material's search reads every typed word as a prefix, and of the words it
+    expands to, the rarer scores higher: typed in full, "FastV" would rank
+    FastVLM first. A paper whose short name begins another paper's short name
+    gets twice the boost, which puts it first when its name is typed.
+    """
+    names = sorted({_search_words(p.name) for p in catalog.papers})
+    boosts = {}
+    for paper in catalog.papers:
+        words = _search_words(paper.name)
+        # Names that begin with `words` follow it in sorted order.
+        after = bisect.bisect_right(names, words)
+        prefix = bool(words) and after < len(names) and names[after].startswith(words)
+        boosts[paper.id] = PAPER_SEARCH_BOOST * (2 if prefix else 1)
+    return boosts
+
+
+def paper_page(
+    catalog: Catalog,
+    paper: PaperBase,
+    options: SiteOptions,
+    speed: str = "",
+    search_boost: float | None = None,
+) -> str:
+    """``speed``: an HTML fragment with the measured speedup (``tools.site.benchmarks``).
+
+    ``search_boost``: ``search_boosts(catalog)[paper.id]``, computed once per build.
+    """
+    if search_boost is None:
+        search_boost = search_boosts(catalog)[paper.id]
     front_matter = yaml.safe_dump(
         # MkDocs themes insert the page title and description unescaped.
         {
-            "title": str(escape(page_title(paper))),
+            "title": str(escape(paper.display_title)),
             "description": str(escape(paper.summary)),
-            "tags": [*paper.mechanism, *paper.modality],
+            # The tags plugin reads `topics` (mkdocs.yml): the chips and the Tags page.
+            "topics": [str(escape(term)) for term in (*paper.mechanism, *paper.modality)],
+            # Material's search indexes `tags` with a high boost (and shows them as HTML
+            # in its results): the short name, so typing it finds this page first.
+            "tags": [str(escape(paper.name))],
+            "search": {"boost": search_boost},
         },
         sort_keys=False,
         allow_unicode=True,
@@ -115,6 +206,7 @@ def paper_page(catalog: Catalog, paper: PaperBase, options: SiteOptions, speed: 
         bibtex=render_entry(paper, catalog.taxonomy).rstrip("\n"),
         edit_url=options.edit_url(paper, depth=2),
         taxonomy=catalog.taxonomy,
+        anchors=term_anchors(catalog.taxonomy),
         speed=Markup(speed),
     )
 
@@ -127,7 +219,13 @@ def taxonomy_page(catalog: Catalog) -> str:
         }
         for facet in FACETS
     }
-    return _render("taxonomy.md.j2", taxonomy=catalog.taxonomy, facets=FACETS, by_term=by_term)
+    return _render(
+        "taxonomy.md.j2",
+        taxonomy=catalog.taxonomy,
+        facets=FACETS,
+        by_term=by_term,
+        anchors=term_anchors(catalog.taxonomy),
+    )
 
 
 def performance_page(
