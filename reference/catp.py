@@ -4,7 +4,8 @@ Paper: "CATP: Cross-Attention Token Pruning for Accuracy Preserved Multimodal Mo
 Inference", https://arxiv.org/abs/2404.08567
 Official code: none is linked from the paper; the algorithm follows the paper and the
 LAVIS fork https://github.com/Vic0428/LAVIS (``lavis/models/blip2_models/blip2_pruning.py``,
-``cross_attention_pruning``), whose README calls it "our cross-attention pruning method"
+``cross_attention_pruning`` and ``cross_attention_pruning_with_image_weight``, read at
+commit d16b4d1, its head), whose README calls it "our cross-attention pruning method"
 (authorship not confirmed).
 
 Algorithm (BLIP-2: prune the Q-Former's query tokens before they enter the LLM):
@@ -13,8 +14,8 @@ Algorithm (BLIP-2: prune the Q-Former's query tokens before they enter the LLM):
 2. Every (head, image token) pair votes: it ranks the ``Nq`` query tokens by the
    attention it receives from them, giving rank 0 to the lowest and ``Nq - 1`` to
    the highest; a query's score is the sum of its ranks (a Borda count).
-3. Optionally each image token's vote is weighted by its importance in the image
-   encoder (softmax over image tokens of the attention they receive in its last
+3. Optionally each image token's column is first multiplied by its importance in the
+   image encoder (the L2-normalised attention it receives in the encoder's last
    self-attention layer); keep the ``Nq // downsample`` best query tokens, in order.
 
 Deviations from the official code:
@@ -26,9 +27,12 @@ Deviations from the official code:
   Without them, the hooked layer's self-attention stands in: its rows of the
   non-prefix tokens are the "cross-attention" (one layer) and the whole map is the
   image encoder's attention (``needs = {"attn"}``).
-- Image weights are applied per image token before the votes are summed; the
-  repository's ``cross_attention_pruning_with_image_weight`` multiplies the already
-  summed ``[Nq]`` score by the ``[M]`` weights, which does not broadcast.
+- Image weights: as at the repository's head, they scale the cross-attention before
+  ranking (earlier commits took a softmax, then L2-normalised). A column scaled by
+  one positive weight ranks its queries the same way, so the weights change the
+  votes only where a weight is 0 (the column's ranks then follow position); with
+  positive weights ``image_weight=True`` keeps the same tokens as ``False``, at the
+  head as here (``tests/reference/fixtures/catp.json``).
 - Batched and vectorised (the repository loops over samples); ties in a ranking are
   broken by position (stable sort) instead of unspecified ``argsort`` order.
 - Prefix tokens are protected and not scored; no parameters are learned.
@@ -39,6 +43,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from reference.core import Reduction, Signals, TokenReducer, identity, keep_tokens
@@ -53,10 +58,10 @@ def num_kept(n: int, prefix: int, downsample: int) -> int:
 def image_weights(image_attn: Tensor) -> Tensor:
     """Image-token vote weights ``[B, M]`` from the image encoder's attention ``[B, H, M, M]``.
 
-    The softmax over image tokens of the attention each one receives (summed over
-    heads and queries), as the repository's image-weight variant computes it.
+    The attention each one receives (summed over heads and queries), L2-normalised
+    over the image tokens, as the repository's image-weight variant computes it.
     """
-    return image_attn.float().sum(dim=(1, 2)).softmax(dim=-1)
+    return F.normalize(image_attn.float().sum(dim=(1, 2)), dim=-1)
 
 
 def cross_attention_votes(
@@ -67,17 +72,18 @@ def cross_attention_votes(
     Args:
         cross_attn: ``[B, L, H, Nq, M]`` cross-attention probabilities (query x image).
         all_layers: sum the maps over layers before ranking; else use the last layer.
-        weight: ``[B, M]`` optional per-image-token vote weights.
+        weight: ``[B, M]`` optional per-image-token weights, applied to the maps
+            before ranking.
 
     Returns:
         ``[B, Nq]`` summed ranks (higher = more attended by the image tokens).
     """
     with torch.no_grad():
         attn = cross_attn.sum(1) if all_layers else cross_attn[:, -1]  # [B, H, Nq, M]
+        if weight is not None:
+            attn = attn.float() * weight[:, None, None, :].float()
         # Rank of each query token within a (head, image token) column: 0 = least attending.
         ranks = attn.argsort(dim=2, stable=True).argsort(dim=2).float()  # [B, H, Nq, M]
-        if weight is not None:
-            ranks = ranks * weight[:, None, None, :].float()
         return ranks.sum(dim=(1, 3))
 
 

@@ -3,7 +3,9 @@
 Paper: "An Image is Worth 1/2 Tokens After Layer 2: Plug-and-Play Inference
 Acceleration for Large Vision-Language Models", https://arxiv.org/abs/2403.06764
 Official code: https://github.com/pkunlp-icler/FastV
-(``src/FastV/lmms-eval-with-kvcache/fastv_kvcache.py``, ``FastVLlamaModel.forward``)
+(``src/FastV/lmms-eval/fastv_kvcache.py``, ``FastVLlamaModel.forward``, the KV-cache
+version; also ``src/transformers/src/transformers/models/llama/modeling_llama.py``;
+read at commit d165972)
 
 Algorithm (Sec. 4):
 1. Run layers ``0 .. K-1`` on the full sequence.
@@ -14,13 +16,17 @@ Algorithm (Sec. 4):
 
 Deviations from the official code:
 - Attach it at ``llm[K - 1]``: the host's hook runs after a layer, with that
-  layer's attention; the official code prunes on entering layer ``K``.
-- Only the last valid token's attention row is computed (``last_attn``), instead
-  of full eager attention maps; the official inplace variant also masks instead
-  of removing tokens.
+  layer's attention; the official code prunes on entering layer ``K`` (``K = 3``,
+  keep ratio 0.5, hard-coded in ``fastv_kvcache.py``; the paper's default is K = 2).
+- Tokens are removed, as in ``fastv_kvcache.py`` and the inplace variant of the
+  official ``modeling_llama.py`` (which has no KV cache); that file's default,
+  non-inplace variant keeps every token and masks the pruned image tokens out of
+  the attention of the later layers instead. Only the last valid token's
+  attention row is computed (``last_attn``), instead of full eager attention maps.
 - Batched: every sample uses its own last valid token and keeps its own top-k;
-  the official code reads batch item 0 (``last_attention.mean(1)[0][-1]``) for
-  the whole batch, and hard-codes LLaVA-1.5's image span (tokens 35 to 611).
+  the official code reads batch item 0 (``last_attention.mean(1)[0][-1]``, the
+  last position, padded or not) for the whole batch, and hard-codes LLaVA-1.5's
+  image span (tokens 35 to 611).
 - The kept count is ``n - round(n * R)``; the official code keeps
   ``int(n * keep)`` (the same for R = 0.5, off by one for some other ratios).
 - Kept tokens keep their original position ids, as in the official code.

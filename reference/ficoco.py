@@ -8,10 +8,11 @@ FiCoCo-V; ``llava/model/language_model/FiCoCo_L.py`` and ``llava_llama.py`` for
 FiCoCo-L)
 
 Algorithm (training-free; one step discards ``r`` tokens):
-1. Filter: score every patch's redundancy from head-averaged attention,
-   ``(1 - beta) * |patch->patch| - beta * |CLS->patch|`` (each term L2-normalised
-   over the patches, beta = 0.35); a local penalty raises the most redundant
-   token of every 2x2 window; the ``r`` most redundant tokens are discarded.
+1. Filter: score every patch's redundancy from the pre-softmax attention logits
+   averaged over heads, ``(1 - beta) * |patch->patch| - beta * |CLS->patch|``
+   (row means / the CLS row, each L2-normalised over the patches, beta = 0.35);
+   a local penalty raises the most redundant token of every 2x2 window; the
+   ``r`` most redundant tokens are discarded.
 2. Correlate: each discarded token ``i`` picks the kept tokens ``j`` it
    correlates with most (attention ``A_ij`` above the row's 0.998 quantile, a
    token-adaptive count) and normalises those correlations into weights.
@@ -26,10 +27,16 @@ Deviations from the official code:
   ``TokenReducer`` at a ``"mid"`` hook; the official code runs ``r = 42`` at
   every CLIP layer after layer 11, the LLaVA host has one vision hook (the ViT
   host can stack it). ``FiCoCoL`` is an ``LLMReducer`` for ``host.apply(llm=...)``.
-- Scores use the host's head-averaged attention *probabilities*
-  (``signals.attn``); the official code averages the pre-softmax logits over
-  heads and over the whole batch (one plan for all samples). Here every sample
-  gets its own plan.
+- Scores: the official code (at commit 8995e93) averages the pre-softmax logits
+  over heads *and over the batch* (one plan for all samples); here every sample
+  gets its own plan from its head-mean logits, and the correlation weights are
+  the softmax of those logits, as in the official ``Correlate``. The logits are
+  read from ``signals.attn_logits`` ``[B, H, N, N]`` when the host provides
+  them; the hosts in this package expose only probabilities today, and then
+  the head mean of ``signals.attn`` is used, which is not the official score
+  (on random 8-head maps with 576 patches only 10-20% of the discarded set
+  agrees). ``redundancy`` on head-mean logits reproduces the official
+  ``Filter`` ranking (``tests/reference/fixtures/ficoco.json``).
 - The local penalty runs only when the non-prefix tokens form a square grid
   (the first step); the official code carries a global 576-slot score buffer
   across layers to guess the layout after earlier reductions.
@@ -118,6 +125,21 @@ def compress(
     return out.to(x.dtype), (sd + share).to(size.dtype)
 
 
+def redundancy(logits: Tensor, prefix: int, beta: float = 0.35) -> Tensor:
+    """Filter score ``[B, M]`` of the patches from head-mean attention ``logits [B, N, N]``.
+
+    Higher is more redundant: ``(1 - beta) * patch->patches - beta * CLS->patch``,
+    each term L2-normalised over the patches, then the 2x2 local penalty. The
+    official code passes pre-softmax logits; without a prefix token the CLS term is 0.
+    """
+    if prefix:
+        cls = F.normalize(logits[:, 0, prefix:], dim=-1)  # CLS -> patch
+    else:
+        cls = logits.new_zeros(logits.shape[0], logits.shape[1])
+    p2p = F.normalize(logits[:, prefix:, prefix:].mean(-1), dim=-1)  # patch -> patches
+    return local_penalty((1 - beta) * p2p - beta * cls)
+
+
 def _plan(redundancy: Tensor, r: int) -> tuple[Tensor, Tensor]:
     """Discard the ``r`` most redundant of ``redundancy [B, M]``; kept indices sorted."""
     order = redundancy.argsort(dim=1, descending=True)
@@ -161,11 +183,13 @@ class FiCoCo(TokenReducer):
         if r == 0:
             return identity(x, signals.size)
         with torch.no_grad():
-            attn = signals.attn.float().mean(1)  # [B, N, N] head-averaged
-            cls = F.normalize(attn[:, 0, prefix:], dim=-1)  # CLS -> patch
-            p2p = F.normalize(attn[:, prefix:, prefix:].mean(-1), dim=-1)  # patch -> patches
-            redundancy = local_penalty((1 - self.beta) * p2p - self.beta * cls)  # [B, M]
-            src, dst = _plan(redundancy, r)  # [B, r], [B, M - r] into the patches
+            logits = getattr(signals, "attn_logits", None)
+            if logits is not None:  # the official scores: head-mean pre-softmax logits
+                score = logits.float().mean(1)  # [B, N, N]
+                attn = score.softmax(-1)
+            else:  # hosts that expose only probabilities (see the module docstring)
+                attn = score = signals.attn.float().mean(1)
+            src, dst = _plan(redundancy(score, prefix, self.beta), r)  # [B, r], [B, M - r]
             src, dst = src + prefix, dst + prefix
             rows = attn.gather(1, src[..., None].expand(-1, -1, n))  # [B, r, N]
             weights = correlate(rows.gather(2, dst[:, None].expand(-1, r, -1)), self.quantile)
@@ -217,8 +241,8 @@ class FiCoCoL(LLMReducer):
             a_tv = attn[:, :, img] * text[..., None]  # [B, N, Nv] text rows only
             relevance = a_tv.sum(1) / text.sum(1, keepdim=True).clamp(min=1)  # [B, Nv]
             a_vv = attn[:, img, img]  # [B, Nv, Nv]
-            redundancy = self.g * a_vv.sum(-1) - (1 - self.g) * relevance
-            src, dst = _plan(redundancy, r)  # into the image span
+            score = self.g * a_vv.sum(-1) - (1 - self.g) * relevance
+            src, dst = _plan(score, r)  # into the image span
             corr = self.a * a_vv + (1 - self.a) * a_tv.transpose(1, 2) @ a_tv  # [B, Nv, Nv]
             rows = corr.gather(1, src[..., None].expand(-1, -1, length))
             weights = correlate(rows.gather(2, dst[:, None].expand(-1, r, -1)), self.quantile)

@@ -16,13 +16,20 @@ Algorithm (Sec. 3, Algorithm 1), at the output of LLaVA's CLIP feature layer:
 3. One extra token ``sum_j a_j x_j`` over the pruned tokens is appended.
 
 Deviations from the official code:
-- Signals: the host's CLS attention row of the hook layer, averaged over heads, and
-  its head-averaged keys. The official code recomputes a single-head attention
-  over all channels from the q/k projections of CLIP's last layer (the layer after
-  the selected features) and uses those full-width keys for the similarity.
-- Batches: the official code runs the IQR test on the attention of the whole batch
-  flattened (so one image changes another's count) and loops in Python over
-  samples and kept tokens. Here each image gets its own count; the batch is padded
+- Signals: the official code (at commit 097c041) hooks the ``q_proj``/``k_proj``
+  outputs of CLIP's last layer (layer 23, the one *after* the selected penultimate
+  features), computes one single-head attention over all channels,
+  ``softmax(q k^T / sqrt(C))``, and uses its CLS row as ``a_j`` and those
+  full-width keys for the similarity. ``official_signals`` does exactly that, and
+  the default ``signals="next"`` uses it when the host provides that layer's
+  projections (``signals.next_q``, ``signals.next_k``, ``[B, N, C]``). The hosts in
+  this package do not provide them yet; the reducer then falls back to the hook
+  layer's own head-averaged CLS attention and keys (``signals="hook"``), which is
+  not the official choice (the kept sets can differ widely).
+- Batches: official PruMerge+ crashes at batch > 1 (it concatenates one grid row
+  to the ``[B, k]`` indices), and both variants run the IQR test on the attention
+  of the whole batch flattened (so one image changes another's count) and loop in
+  Python over samples and kept tokens. Here each image gets its own count; the batch is padded
   to the largest count with that image's best *pruned* tokens, merged the same way,
   after its extra token (``Reduction.mask`` 0). A filler token still counts as
   pruned inside the extra token (so every image gets what it gets alone), and keeps
@@ -109,6 +116,16 @@ def knn_merge_weights(keys: Tensor, score: Tensor, rows: Tensor, k_nn: int) -> T
     return weights.scatter(2, nn_idx, score.float()[:, None, :].expand_as(sim).gather(2, nn_idx))
 
 
+def official_signals(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """The official scores from full-width projections ``q, k [B, N, C]`` (CLS first).
+
+    Returns the CLS row ``[B, 1, N]`` of the single-head ``softmax(q k^T / sqrt(C))``
+    and the keys ``k``, the ``cls_attn`` and ``keys`` that ``prumerge`` takes.
+    """
+    logits = (q[:, :1].float() @ k.float().transpose(1, 2)) * q.shape[-1] ** -0.5  # [B, 1, N]
+    return logits.softmax(-1), k
+
+
 def prumerge(
     x: Tensor,
     size: Tensor,
@@ -175,6 +192,9 @@ class LLaVAPruMerge(TokenReducer):
 
     ``keep_ratio=None`` is the paper's adaptive (IQR) selection; a float keeps
     ``int(N * keep_ratio)`` tokens by attention instead (1.0: no reduction).
+    ``signals="next"`` scores with the next layer's full-width projections when the
+    host gives them (the official choice), ``"hook"`` with the hook layer's
+    head-averaged CLS attention and keys (see the module docstring).
     """
 
     catalog_id = "llava_prumerge"
@@ -190,11 +210,19 @@ class LLaVAPruMerge(TokenReducer):
         # The fixed-ratio variant, so that every budget of the sweep is met exactly.
         return {"vision": cls(keep_ratio=keep / n_image)}
 
-    def __init__(self, keep_ratio: float | None = None, plus: bool = False, k_nn: int = 32):
+    def __init__(
+        self,
+        keep_ratio: float | None = None,
+        plus: bool = False,
+        k_nn: int = 32,
+        signals: str = "next",
+    ):
         super().__init__()
         if keep_ratio is not None and not 0 < keep_ratio <= 1:
             raise ValueError(f"keep_ratio must be in (0, 1] or None, got {keep_ratio}")
-        self.keep_ratio, self.plus, self.k_nn = keep_ratio, plus, k_nn
+        if signals not in ("next", "hook"):
+            raise ValueError(f"signals must be 'next' or 'hook', got {signals!r}")
+        self.keep_ratio, self.plus, self.k_nn, self.signals = keep_ratio, plus, k_nn, signals
 
     def _fixed(self, m: int) -> int:
         return max(1, int(m * self.keep_ratio))
@@ -219,11 +247,15 @@ class LLaVAPruMerge(TokenReducer):
         m = x.shape[1] - signals.prefix
         if m <= 1 or (self.keep_ratio is not None and self._fixed(m) >= m):
             return identity(x, signals.size)
+        cls_attn, keys = signals.cls_attn, signals.keys
+        q, k = getattr(signals, "next_q", None), getattr(signals, "next_k", None)
+        if self.signals == "next" and q is not None and k is not None:
+            cls_attn, keys = official_signals(q, k)
         return prumerge(
             x,
             signals.size,
-            signals.cls_attn,
-            signals.keys,
+            cls_attn,
+            keys,
             signals.prefix,
             self.keep_ratio,
             self.plus,

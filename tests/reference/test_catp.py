@@ -16,6 +16,7 @@ from tests.reference.conftest import (
     make_signals,
     tokens,
 )
+from tests.reference.fixtures import load, tensor
 
 NQ = N - 1
 
@@ -68,18 +69,38 @@ def test_the_query_every_image_token_prefers_survives_and_the_least_preferred_go
     assert (out.index == 6).any(1).all() and not (out.index == 10).any()
 
 
-def test_image_weights_let_the_dominant_image_token_decide():
+def test_image_weights_scale_each_column_before_ranking():
     x, ca = tokens(), cross_attn(m=10)
-    image_attn = torch.zeros(B, 2, 10, 10)
-    image_attn[..., 3] = 1.0  # every image query attends to image token 3
+    image_attn = torch.rand(B, 2, 10, 10, generator=torch.Generator().manual_seed(3))
+    image_attn[..., 3] = 0.0  # image token 3 gets no attention: weight 0
+    weight = torch.nn.functional.normalize(image_attn.sum((1, 2)), dim=-1)
     out = CATP(downsample=4, image_weight=True)(
         x, with_state(x, cross_attn=ca, image_attn=image_attn)
     )
-    column = ca[:, -1, :, :, 3].argsort(-1).argsort(-1).sum(1)  # ranks from image token 3 only
-    expected = column.topk(NQ // 4, dim=1).indices.sort(1).values + 1
+    # A zero-weight column ranks by position (ties); the others rank as unweighted.
+    votes = naive_votes(ca[:, -1] * weight[:, None, None, :])
+    expected = votes.topk(NQ // 4, dim=1).indices.sort(1).values + 1
     assert torch.equal(out.index[:, 1:], expected)
+    image_attn[..., 3] = 1.0  # all weights positive: the same tokens as without weights
+    weighted = CATP(downsample=4, image_weight=True)(
+        x, with_state(x, cross_attn=ca, image_attn=image_attn)
+    )
     unweighted = CATP(downsample=4)(x, with_state(x, cross_attn=ca))
-    assert not torch.equal(unweighted.index, out.index)
+    assert torch.equal(weighted.index, unweighted.index)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("case", load("catp")["cases"], ids=lambda c: f"ds{c['downsample']}")
+def test_reproduces_the_official_selection(case, weighted):
+    """Official ``cross_attention_pruning(_with_image_weight)`` (see the fixture)."""
+    fx = load("catp")
+    ca = tensor(fx["cross_attn"]).transpose(0, 1)  # [L, B, ...] -> [B, L, H, Nq, M]
+    x = torch.randn(ca.shape[0], 1 + ca.shape[3], 4)
+    state = {"cross_attn": ca, "image_attn": tensor(fx["image_attn"])}
+    signals = Signals(prefix=1, size=torch.ones(*x.shape[:2], 1), state=state)
+    out = CATP(downsample=case["downsample"], image_weight=weighted)(x, signals)
+    kept = case["kept_weighted" if weighted else "kept"]
+    assert out.index[:, 1:].tolist() == [[i + 1 for i in row] for row in kept]
 
 
 def test_without_cross_attention_the_layers_self_attention_stands_in():

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from reference.ficoco import FiCoCo, FiCoCoL, local_penalty
+from reference.core import Signals
+from reference.ficoco import FiCoCo, FiCoCoL, local_penalty, redundancy
 from reference.llava import TINY, LlavaHost, LLMSignals
 from tests.reference.conftest import (
     B,
@@ -14,6 +16,7 @@ from tests.reference.conftest import (
     make_signals,
     tokens,
 )
+from tests.reference.fixtures import load, tensor
 
 
 def naive_redundancy(attn: torch.Tensor, beta: float = 0.35) -> torch.Tensor:
@@ -128,3 +131,20 @@ def test_ficoco_l_in_the_llava_host():
             images[i : i + 1], prefix[i : i + 1], suffix[i : i + 1, :n], valid[i : i + 1, :n]
         )
         torch.testing.assert_close(alone[0], together[i], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", load("ficoco")["cases"], ids=lambda c: f"r{c['r']}")
+def test_filter_reproduces_the_official_ranking(case):
+    """Official ``Filter`` on head-mean logits of 1 CLS + 24x24 patches (see the fixture)."""
+    fx = load("ficoco")
+    logits = (tensor(fx["q"]) @ tensor(fx["k"]).T)[None]  # [1, N, N]
+    order = redundancy(logits, prefix=1).argsort(1, descending=True)[0] + 1
+    assert order.tolist() == case["order"][:-1]  # the official order ends with CLS
+    # The reducer takes the same plan from the host's per-head logits.
+    x = torch.randn(1, 577, 8)
+    heads = logits[:, None].expand(-1, 2, -1, -1)  # [1, H, N, N], every head equal
+    signals = Signals(prefix=1, size=torch.ones(1, 577, 1), attn=heads.softmax(-1))
+    signals.attn_logits = heads
+    out = FiCoCo(r=case["r"])(x, signals)
+    kept = sorted(set(range(1, 577)) - set(case["discarded"]))
+    assert out.index[0, 1:].tolist() == kept

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -16,6 +17,7 @@ from tests.reference.conftest import (
     make_signals,
     tokens,
 )
+from tests.reference.fixtures import load, tensor
 
 
 def outliers_numpy(a: np.ndarray) -> set[int]:
@@ -121,3 +123,23 @@ def test_llava_host_cached_decoding_equals_recomputation():
     vis, red = host.encode_images(images, {})
     assert vis.shape[1] == 4 + 1 and red is not None
     assert_cached_decoding_matches(host, images, prefix, suffix, valid)
+
+
+@pytest.mark.parametrize("case", load("llava_prumerge")["cases"], ids=lambda c: f"plus{c['plus']}")
+def test_reproduces_the_official_prune_and_merge(case):
+    """Official ``token_prune_merge_advanced(_plus)``, adaptive, on given q/k (see the fixture)."""
+    fx = load("llava_prumerge")
+    k = tensor(fx["k"])[None]  # [1, 577, 4]
+    q = torch.zeros_like(k)
+    q[:, 0] = tensor(fx["q_cls"])
+    x = torch.cat([torch.zeros(1, 1, 4), tensor(fx["x"])[None]], 1)  # a CLS slot, then patches
+    signals = Signals(prefix=1, size=torch.ones(1, 577, 1), cls_attn=None, keys=None)
+    signals.next_q, signals.next_k = q, k
+    out = LLaVAPruMerge(plus=case["plus"])(x, signals)
+    selected = case["selected"]
+    assert out.num_tokens == 1 + len(selected) + 1
+    assert sorted(out.index[0, 1:-1].tolist()) == sorted(i + 1 for i in selected)
+    official = dict(zip(selected, tensor(case["out"])[:-1], strict=True))
+    ours = torch.stack([official[int(i) - 1] for i in out.index[0, 1:-1]])
+    torch.testing.assert_close(out.x[0, 1:-1], ours, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.x[0, -1], tensor(case["out"])[-1], atol=1e-5, rtol=1e-5)
