@@ -21,9 +21,14 @@ Deviations from the official code:
   the official loop. The cumulative score, remainder and ponder cost live in
   ``signals.state["a_vit"]``, so attach A-ViT to consecutive blocks and to no other
   method. The official last block forces every token to halt; not reproduced.
-- Prefix tokens never halt (the official code halts the CLS token like the others
-  and classifies from its halting-weighted average over the blocks; the host
-  classifies from the last CLS state, so that average is not formed).
+- Prefix tokens get halting scores and halt like the others, as in the official
+  code (its CLS token halts too); ``pin_prefix=True`` keeps them running instead.
+  A halted prefix token stops accumulating and pondering and is 0 in the training
+  ``Reduction.mask``, but it stays in place and, at inference, is still attended
+  and updated: the host cannot freeze a token, and an image whose tokens had all
+  halted would have nothing left to attend. The official code also classifies from
+  the CLS token's halting-weighted average over the blocks; the host classifies
+  from the last CLS state, so that average is not formed.
 - Batches: every image drops exactly its halted tokens; the batch is padded to the
   largest count with *empty slots* (x 0, size 0, index -1, ``Reduction.mask`` 0)
   after each image's own tokens. With the host's proportional attention (log-size
@@ -54,8 +59,11 @@ from reference.core import Reduction, Signals, TokenReducer, identity
 from reference.registry import register
 
 
-def halting_scores(x: Tensor, prefix: int, gate_scale: float, gate_center: float) -> Tensor:
-    """``h = sigmoid(gate_scale * x[..., 0] - gate_center)`` in float32; 0 for the prefix.
+def halting_scores(
+    x: Tensor, prefix: int, gate_scale: float, gate_center: float, pin_prefix: bool = False
+) -> Tensor:
+    """``h = sigmoid(gate_scale * x[..., 0] - gate_center)`` in float32 (0 for the first
+    ``prefix`` tokens if ``pin_prefix``).
 
     Args:
         x: ``[B, N, C]`` tokens (the output of the block that just ran).
@@ -64,6 +72,8 @@ def halting_scores(x: Tensor, prefix: int, gate_scale: float, gate_center: float
         ``[B, N]`` halting scores.
     """
     h = torch.sigmoid(gate_scale * x[..., 0].float() - gate_center)  # [B, N]
+    if not pin_prefix:
+        return h
     is_prefix = torch.arange(x.shape[1], device=x.device) < prefix
     return h.masked_fill(is_prefix, 0.0)
 
@@ -115,6 +125,7 @@ class AViT(TokenReducer):
         gate_center: float = 30.0,
         eps: float = 0.01,
         max_keep: float = 1.0,
+        pin_prefix: bool = False,
     ):
         super().__init__()
         # Official DeiT-T recipe: gate_scale 10, gate_center 30 (75 for DeiT-S), eps 0.01.
@@ -122,6 +133,7 @@ class AViT(TokenReducer):
         self.gate_center = gate_center
         self.eps = eps
         self.max_keep = max_keep
+        self.pin_prefix = pin_prefix  # True: prefix tokens never halt (official: they do)
 
     def budget(self, n: int, prefix: int) -> tuple[int, int]:
         return prefix, prefix + int(self.max_keep * (n - prefix))
@@ -138,8 +150,12 @@ class AViT(TokenReducer):
                 "ponder": zeros,
                 "running": size[..., 0] > 0,
             }
-        running = state["running"] if self.training else size[..., 0] > 0  # [B, N]
-        h = halting_scores(x, prefix, self.gate_scale, self.gate_center)
+        if self.training:
+            running = state["running"]  # [B, N]
+        else:  # dropped tokens are gone; a halted prefix token is still there
+            running = size[..., 0] > 0
+            running[:, :prefix] &= state["running"][:, :prefix]
+        h = halting_scores(x, prefix, self.gate_scale, self.gate_center, self.pin_prefix)
         still, new = halting_step(h, running, state, self.eps, self.max_keep, prefix)
         if self.training:
             signals.state["a_vit"] = {**new, "running": still}

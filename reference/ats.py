@@ -13,15 +13,24 @@ Algorithm (parameter-free, per image):
 3. Inverse transform sampling: ``K`` evenly spaced levels on the CDF axis each
    pick the token whose CDF is nearest; duplicates collapse, so an image keeps
    at most ``K`` tokens, fewer when its scores are peaked (adaptive count).
+   As in the official code, ``K`` is the initial image-token count (196 for 197
+   tokens) at every ATS block, and the scores use the official attention, which
+   adds ``1e-6 / N`` to every probability (``softmax_with_policy``, ``eps``).
 
 Deviations from the official code:
 - Hook: ``"mid"``. The official sampler drops the attention rows of unsampled
   tokens before ``attn @ v``; removing those tokens right after the attention is
   the same computation (their rows are computed and discarded).
-- ``k`` is the number of CDF levels, i.e. at most ``k`` image tokens are kept,
-  as in the paper. The released code always draws ``n_ref_tokens - 1`` levels
-  (the input length) and clamps the budget to at least 8 tokens; neither is
-  reproduced (tiny test inputs have 16 tokens).
+- ``k``: the official budget ``n_tokens`` less the CLS token. With ``k`` at least
+  the current image count the official path runs: ``K`` is the image count at the
+  first ATS block of this forward (kept in ``signals.state``), as the official
+  ``n_ref_tokens - 1``. The released code crashes when ``n_tokens`` is below the
+  current token count (an ``expand`` of ``N - 1`` picks to ``n_tokens - 1`` rows);
+  there ``k`` CDF levels are drawn instead, so at most ``k`` image tokens are kept,
+  as in the paper. The official floor of 8 tokens is not reproduced (tiny test
+  inputs have 16 tokens).
+- The host computes the attention output with its own softmax; only the scores
+  use the official ``+ 1e-6 / N``, rebuilt from the CLS probabilities.
 - Batches: the official code zero-pads every image to the batch maximum and
   masks the padding out of later attention (``policy``). The host has no
   attention mask, so each image is padded with its highest-scoring *unsampled*
@@ -45,17 +54,24 @@ from reference.core import Reduction, Signals, TokenReducer, gather_tokens, iden
 from reference.registry import register
 
 
-def significance_scores(cls_attn: Tensor, values: Tensor, prefix: int) -> Tensor:
+def significance_scores(cls_attn: Tensor, values: Tensor, prefix: int, eps: float = 0.0) -> Tensor:
     """Normalized significance ``S_j = A_cls,j * ||v_j|| / sum_i A_cls,i * ||v_i||``.
 
     Args:
         cls_attn: ``[B, H, N]`` attention of the CLS query.
         values: ``[B, H, N, D]`` attention values.
+        eps: the official ``softmax_with_policy`` term: with ``e = exp(a - max a)`` it
+            gives ``(e + eps / N) / (sum e + eps)``, i.e. ``(p + eps p_max / N) /
+            (1 + eps p_max)`` in terms of the probabilities ``p`` (``sum e = 1 / p_max``).
 
     Returns:
         ``[B, N - prefix]`` float32 scores that sum to one per image.
     """
-    attn = cls_attn.float().sum(dim=1)  # [B, N]
+    attn = cls_attn.float()  # [B, H, N]
+    if eps:
+        p_max = attn.amax(dim=-1, keepdim=True)
+        attn = (attn + eps * p_max / attn.shape[-1]) / (1 + eps * p_max)
+    attn = attn.sum(dim=1)  # [B, N]
     # 'b h n d -> b n (h d)': the norm of the full value vector, all heads together
     v_norm = values.float().transpose(1, 2).flatten(2).norm(dim=-1)  # [B, N]
     score = (attn * v_norm)[:, prefix:]
@@ -91,20 +107,28 @@ def inverse_transform_sampling(score: Tensor, k: int) -> Tensor:
 
 
 def adaptive_token_sampling(
-    x: Tensor, size: Tensor, cls_attn: Tensor, values: Tensor, prefix: int, k: int
+    x: Tensor,
+    size: Tensor,
+    cls_attn: Tensor,
+    values: Tensor,
+    prefix: int,
+    k: int,
+    eps: float = 0.0,
 ) -> Reduction:
     """Keep the prefix and the image tokens ATS samples from ``x [B, N, C]``.
 
-    Each image keeps its own number of sampled tokens; the batch is padded to the
-    largest count with that image's best unsampled tokens (``mask`` 0).
+    ``k`` CDF levels (may exceed the image count, as the official initial count does);
+    ``eps`` as in ``significance_scores``. Each image keeps its own number of sampled
+    tokens; the batch is padded to the largest count with that image's best unsampled
+    tokens (``mask`` 0).
     """
     b, n, _ = x.shape
     m = n - prefix
     if m <= 1:
         return identity(x, size)
     with torch.no_grad():
-        score = significance_scores(cls_attn, values, prefix)  # [B, M]
-        sampled = inverse_transform_sampling(score, min(k, m))  # [B, M]
+        score = significance_scores(cls_attn, values, prefix, eps)  # [B, M]
+        sampled = inverse_transform_sampling(score, k)  # [B, M]
         count = sampled.sum(dim=1)  # [B]
         width = int(count.max())
         # Order: sampled tokens by position, then fillers by descending score.
@@ -142,10 +166,13 @@ class ATS(TokenReducer):
 
     test_configs: ClassVar[dict[str, dict]] = {"zero": {"k": None}, "some": {"k": 8}}
 
-    def __init__(self, k: int | float | None = None):
-        """``k``: at most this many image tokens, or a fraction of them if a float <= 1."""
+    def __init__(self, k: int | float | None = None, eps: float = 1e-6):
+        """``k``: at most this many image tokens, or a fraction of them if a float <= 1
+        (at least the current count: the official path); ``eps``: the official
+        ``softmax_with_policy`` term in the scores (0 for the plain softmax)."""
         super().__init__()
         self.k = k
+        self.eps = eps
 
     def levels(self, m: int) -> int | None:
         if self.k is None:
@@ -161,9 +188,13 @@ class ATS(TokenReducer):
         return prefix + 1, prefix + k
 
     def forward(self, x: Tensor, signals: Signals) -> Reduction:
-        k = self.levels(x.shape[1] - signals.prefix)
+        m = x.shape[1] - signals.prefix
+        k = self.levels(m)
         if k is None:
             return identity(x, signals.size)
+        n_ref = signals.state.setdefault("ats_init_n", m)
+        if k >= m:  # the official path: as many levels as the initial image count
+            k = max(n_ref, m)
         return adaptive_token_sampling(
-            x, signals.size, signals.cls_attn, signals.values, signals.prefix, k
+            x, signals.size, signals.cls_attn, signals.values, signals.prefix, k, self.eps
         )

@@ -3,7 +3,7 @@
 Paper: "DynamicViT: Efficient Vision Transformers with Dynamic Token Sparsification",
 https://arxiv.org/abs/2106.02034
 Official code: https://github.com/raoyongming/DynamicViT
-(``vit.py``: ``PredictorLG``, ``VisionTransformerDiffPruning.forward``)
+(``models/dyvit.py``: ``PredictorLG``, ``VisionTransformerDiffPruning.forward``)
 
 Algorithm (Sec. 3.2-3.4):
 1. A light MLP projects every token; half of its channels stay local, the other
@@ -12,15 +12,18 @@ Algorithm (Sec. 3.2-3.4):
 2. A second MLP maps the result to log-probabilities of keep / drop per token.
 3. Training: a hard Gumbel-softmax sample, multiplied into D, masks the dropped
    tokens out of attention (attention masking) so the count stays fixed.
-4. Inference: each stage keeps the top ``keep_ratio`` fraction of the tokens by
-   their keep probability; stages at several depths prune hierarchically.
+4. Inference: stage ``s`` keeps the ``int(N0 * keep_ratio)`` tokens of highest keep
+   probability, ``N0`` the image tokens before the first stage and ``keep_ratio`` the
+   official ``token_ratio[s] = rho ** s``; stages at several depths prune hierarchically.
 
 Deviations from the official code:
 - Hook: ``"pre"`` of the pruning block, as in the official loop (the predictor
   reads the output of the previous block).
-- ``keep_ratio`` is relative to the tokens entering this stage; the official code
-  gives each stage a ratio of the initial count (``rho ** s``), rounded down once
-  rather than per stage.
+- ``N0`` is the count that entered the first DynamicViT stage of this forward, kept
+  in ``signals.state["dynamicvit"]``; the official code hard-codes ``14 * 14``. So
+  ``int(196 * 0.7 ** s)`` keeps 137/96/67, as the official code; a per-stage 0.7 of
+  the tokens entering each stage (``relative=True``) would keep 137/95/66.
+  ``budget()`` sees only the current count, so it is exact for a first stage.
 - Training: the host cannot mask attention, so ``Reduction.mask`` carries the
   straight-through hard decisions (prefix 1) for a host that applies them as the
   attention policy; x is returned unchanged. The decision mask D is carried across
@@ -107,18 +110,21 @@ class DynamicViT(TokenReducer):
 
     @classmethod
     def paper_setting(cls, depth: int, dim: int) -> tuple[dict[int, dict], bool]:
-        # The official DeiT default (``pruning_loc=[3, 6, 9]``, ``base_rate=0.7``); the
-        # ratio here applies per stage, which gives the official 0.7 ** stage overall.
+        # The official DeiT default (``pruning_loc=[3, 6, 9]``, ``base_rate=0.7``):
+        # ``token_ratio = [0.7, 0.7 ** 2, 0.7 ** 3]`` of the initial count.
         step = depth // 4
-        return {step * i: {"dim": dim, "keep_ratio": 0.7} for i in (1, 2, 3)}, False
+        return {step * i: {"dim": dim, "keep_ratio": 0.7**i} for i in (1, 2, 3)}, False
 
-    def __init__(self, dim: int, keep_ratio: float = 0.7):
+    def __init__(self, dim: int, keep_ratio: float = 0.7, relative: bool = False):
         super().__init__()
         self.predictor = ScorePredictor(dim)
         self.keep_ratio = keep_ratio
+        self.relative = relative
 
-    def kept(self, m: int) -> int:
-        return int(m * self.keep_ratio)
+    def kept(self, m: int, n0: int | None = None) -> int:
+        """Image tokens kept of ``m``; ``n0``: the count before the first stage (default m)."""
+        base = m if self.relative or n0 is None else n0
+        return min(m, int(base * self.keep_ratio))
 
     def budget(self, n: int, prefix: int) -> tuple[int, int]:
         """Inference count; training keeps all ``n`` tokens and masks them."""
@@ -142,7 +148,8 @@ class DynamicViT(TokenReducer):
             mask = torch.cat([keep.new_ones(b, prefix), keep], dim=1)  # [B, N]
             ar = torch.arange(n, device=x.device).expand(b, n)
             return Reduction(x=x, size=size, index=ar, assign=ar, mask=mask)
-        k = self.kept(n - prefix)
+        state = signals.state.setdefault("dynamicvit", {"decisions": []})
+        k = self.kept(n - prefix, state.setdefault("init_n", n - prefix))
         if k >= n - prefix:
             return identity(x, size)
         # At inference D is all ones: the dropped tokens are gone.

@@ -22,9 +22,11 @@ Deviations from the official code:
 - Both policies are computed for the whole batch and each image takes its own (the
   official code splits the batch into two sub-batches); results are the same, at
   the cost of running both.
-- Pruned outputs keep the spatial order of the kept tokens (the official code orders
-  them by score); all ``prefix`` tokens are protected (official: CLS only); pooling
-  with more than one prefix token follows ``reference.tome`` (prefix kept in front).
+- Pruned outputs are in descending-score order after the prefix, as in the official
+  code; ``spatial_order=True`` keeps them in input order instead. The order matters:
+  ToMe's bipartite split is positional, so a later pooling step merges differently.
+- All ``prefix`` tokens are protected (official: CLS only); pooling with more than one
+  prefix token follows ``reference.tome`` (prefix kept in front).
 - The significance score is computed under ``torch.no_grad()`` (it only selects).
 - Nothing is learned; fine-tuning with PPT in place is left to the caller.
 """
@@ -36,7 +38,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from reference.core import Reduction, Signals, TokenReducer, identity, keep_tokens
+from reference.core import Reduction, Signals, TokenReducer, gather_tokens, identity, keep_tokens
 from reference.registry import register
 from reference.tome import merge_wavg
 
@@ -59,6 +61,18 @@ def significance(cls_attn: Tensor, values: Tensor, prefix: int) -> Tensor:
     return score / score.sum(dim=1, keepdim=True)
 
 
+def keep_in_order(x: Tensor, size: Tensor, prefix: int, keep: Tensor) -> Reduction:
+    """The prefix, then the tokens at ``keep [B, K]`` in the order given (not re-sorted)."""
+    b, n, _ = x.shape
+    pre = torch.arange(prefix, device=x.device).expand(b, prefix)
+    index = torch.cat([pre, keep], dim=1)  # [B, prefix + K]
+    assign = torch.full((b, n), -1, dtype=torch.long, device=x.device)
+    assign.scatter_(1, index, torch.arange(index.shape[1], device=x.device).expand(b, -1))
+    return Reduction(
+        x=gather_tokens(x, index), size=gather_tokens(size, index), index=index, assign=assign
+    )
+
+
 def ppt_reduce(
     x: Tensor,
     size: Tensor,
@@ -68,10 +82,13 @@ def ppt_reduce(
     prefix: int,
     r: int,
     threshold: float,
+    spatial_order: bool = False,
 ) -> tuple[Reduction, Tensor]:
     """Remove ``r`` tokens of ``x [B, N, C]`` by pruning or pooling, chosen per image.
 
-    Returns the ``Reduction`` and ``pooled [B]`` (True where the image was pooled).
+    Pruned images keep their tokens in descending-score order (official), or in input
+    order with ``spatial_order``. Returns the ``Reduction`` and ``pooled [B]`` (True
+    where the image was pooled).
     """
     b, n, _ = x.shape
     r = min(r, (n - prefix) // 2)  # ToMe merges at most half of the tokens
@@ -81,7 +98,8 @@ def ppt_reduce(
         score = significance(cls_attn.float(), values.float(), prefix)  # [B, N - prefix]
         pooled = score.var(dim=1) < threshold  # [B], Sec. 3.4's redundancy criterion
         top = score.topk(n - prefix - r, dim=1).indices  # [B, N - prefix - r]
-    pruned = keep_tokens(x, size, prefix, top + prefix)  # inattentive redundancy
+    keep = keep_tokens if spatial_order else keep_in_order
+    pruned = keep(x, size, prefix, top + prefix)  # inattentive redundancy
     pooled_out = merge_wavg(x, size, r, prefix, keys)  # duplicative redundancy
 
     def pick(a: Tensor, p: Tensor) -> Tensor:
@@ -107,11 +125,13 @@ class PPT(TokenReducer):
 
     test_configs: ClassVar[dict[str, dict]] = {"zero": {"r": 0}, "some": {"r": 4}}
 
-    def __init__(self, r: int = 0, threshold: float = 7e-5):
-        """``threshold``: the official DeiT-S setting for 196 image tokens (``eval.sh``)."""
+    def __init__(self, r: int = 0, threshold: float = 7e-5, spatial_order: bool = False):
+        """``threshold``: the official DeiT-S setting for 196 image tokens (``eval.sh``);
+        ``spatial_order``: pruned tokens in input order instead of score order."""
         super().__init__()
         self.r = r
         self.threshold = threshold
+        self.spatial_order = spatial_order
 
     @classmethod
     def paper_setting(cls, depth: int, dim: int) -> tuple[dict[int, dict], bool]:
@@ -127,6 +147,6 @@ class PPT(TokenReducer):
     def forward(self, x: Tensor, signals: Signals) -> Reduction:
         out, _ = ppt_reduce(
             x, signals.size, signals.cls_attn, signals.values, signals.keys,
-            signals.prefix, self.r, self.threshold,
+            signals.prefix, self.r, self.threshold, self.spatial_order,
         )  # fmt: skip
         return out

@@ -11,12 +11,14 @@ Algorithm (bipartite soft matching, Sec. 3):
 3. Token sizes add up, and later attention adds ``log(size)`` to its logits
    (proportional attention, Eq. 1) so a merged token counts as many.
 
+As in the official code, the kept A tokens are put back in input order only when
+there is a prefix token (the official ``class_token=True``); without one they stay
+in descending-score order; ``always_sort=True`` sorts them in that case too.
+
 Deviations from the official code:
-- Protected prefix tokens are excluded from both sides of the matching (the
-  official code protects CLS as an A row and the distillation token as a B
-  column); with more than one prefix token the output is reordered so the
-  prefix stays in front, where the official code leaves a distillation token
-  among the B tokens.
+- Any number of prefix tokens: they alternate between excluded A rows and B
+  columns and the output is ordered prefix, kept A, B. For CLS (an A row) and a
+  distillation token (a B column) this is the official code, which knows no more.
 - Returns ``index``/``assign`` instead of the official ``merge``/``unmerge``
   closures; source tracing (``trace_source``) is not implemented.
 """
@@ -33,13 +35,14 @@ from reference.registry import register
 
 
 def bipartite_soft_matching(
-    metric: Tensor, r: int, prefix: int
+    metric: Tensor, r: int, prefix: int, always_sort: bool = False
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Plan one ToMe step on ``metric [B, N, D]``.
 
-    Returns ``unm_idx [B, Na-r]`` (A tokens kept, sorted), ``src_idx [B, r]`` (A
-    tokens merged), ``dst_idx [B, r]`` (their B destinations), all indexing into
-    the A or B halves.
+    Returns ``unm_idx [B, Na-r]`` (A tokens kept), ``src_idx [B, r]`` (A tokens
+    merged), ``dst_idx [B, r]`` (their B destinations), all indexing into the A or
+    B halves, and ``node_max [B, Na]``. ``unm_idx`` is in input order when there is
+    a prefix token or ``always_sort``, else in descending-score order (official).
     """
     with torch.no_grad():
         metric = metric / metric.norm(dim=-1, keepdim=True)
@@ -50,19 +53,31 @@ def bipartite_soft_matching(
         scores[:, :, : prefix // 2] = -torch.inf
         node_max, node_idx = scores.max(dim=-1)  # [B, Na]
         edge_idx = node_max.argsort(dim=-1, descending=True)
-        unm_idx = edge_idx[:, r:].sort(dim=-1).values  # keep spatial order
+        unm_idx = edge_idx[:, r:]
+        if prefix > 0 or always_sort:  # puts the prefix tokens (A side) back in front
+            unm_idx = unm_idx.sort(dim=-1).values
         src_idx = edge_idx[:, :r]
         dst_idx = node_idx.gather(1, src_idx)
     return unm_idx, src_idx, dst_idx, node_max
 
 
-def merge_wavg(x: Tensor, size: Tensor, r: int, prefix: int, metric: Tensor) -> Reduction:
-    """Merge ``r`` tokens of ``x [B, N, C]`` by size-weighted average (``merge_wavg``)."""
+def merge_wavg(
+    x: Tensor,
+    size: Tensor,
+    r: int,
+    prefix: int,
+    metric: Tensor,
+    always_sort: bool = False,
+) -> Reduction:
+    """Merge ``r`` tokens of ``x [B, N, C]`` by size-weighted average (``merge_wavg``).
+
+    ``always_sort`` as in ``bipartite_soft_matching``; it only changes the output order.
+    """
     b, n, _ = x.shape
     r = min(r, (n - prefix) // 2)
     if r <= 0:
         return identity(x, size)
-    unm_idx, src_idx, dst_idx, _ = bipartite_soft_matching(metric, r, prefix)
+    unm_idx, src_idx, dst_idx, _ = bipartite_soft_matching(metric, r, prefix, always_sort)
 
     def merge(t: Tensor) -> Tensor:
         src, dst = t[:, ::2], t[:, 1::2]
@@ -114,9 +129,10 @@ class ToMe(TokenReducer):
 
     test_configs: ClassVar[dict[str, dict]] = {"zero": {"r": 0}, "some": {"r": 4}}
 
-    def __init__(self, r: int = 0):
+    def __init__(self, r: int = 0, always_sort: bool = False):
         super().__init__()
         self.r = r
+        self.always_sort = always_sort  # False: sort only with a prefix token (official)
 
     @classmethod
     def paper_setting(cls, depth: int, dim: int) -> tuple[dict[int, dict], bool]:
@@ -128,4 +144,4 @@ class ToMe(TokenReducer):
         return kept, kept
 
     def forward(self, x: Tensor, signals: Signals) -> Reduction:
-        return merge_wavg(x, signals.size, self.r, signals.prefix, signals.keys)
+        return merge_wavg(x, signals.size, self.r, signals.prefix, signals.keys, self.always_sort)

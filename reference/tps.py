@@ -18,8 +18,14 @@ Deviations from the official code:
 - Hooks: dTPS runs at ``"pre"`` (before the block, where the official ``DynamicVit``
   prunes at blocks 3, 6, 9); eTPS at ``"mid"`` after the attention, as EViT. The eTPS
   variant is not in the official repository; it follows the paper's description.
-- ``keep_rate`` is relative to the image tokens entering this step, ``int(keep_rate *
-  M)``; the official code keeps ``int(N0 * keep_ratio ** stage)`` of the initial count.
+- ``keep_rate`` is, as in the official ``keep_ratio_list``, a fraction of the initial
+  image-token count: a step keeps ``int(N0 * keep_rate)`` (``0.7 ** s`` at stage ``s``
+  keeps 137/96/67 of 196, where a per-stage 0.7 would keep 137/95/66). ``N0`` is the
+  count that entered the first TPS step of this forward (``signals.state``), as the
+  official ``init_n`` (image tokens before the first block). ``budget()`` sees only
+  the current count, so it is exact for a first step. ``relative=True`` makes
+  ``keep_rate`` a fraction of the tokens entering this step. At least one token is
+  kept (a host).
 - Training (dTPS): the token count stays fixed and the hard Gumbel decisions are
   returned in ``Reduction.mask`` and carried to the next TPS step in ``signals.state``.
   The official model also masks the attention of every later block with them
@@ -50,9 +56,10 @@ from reference.core import Reduction, Signals, TokenReducer, gather_tokens, iden
 from reference.registry import register
 
 
-def num_kept(m: int, keep_rate: float) -> int:
-    """Reserved image tokens of ``m`` (at least one, so every pruned token has a host)."""
-    return min(m, max(1, int(keep_rate * m)))
+def num_kept(m: int, keep_rate: float, n0: int | None = None) -> int:
+    """Reserved image tokens of ``m``: ``int(keep_rate * n0)``, ``n0`` the initial count
+    (default ``m``); at least one, so every pruned token has a host."""
+    return min(m, max(1, int(keep_rate * (m if n0 is None else n0))))
 
 
 def squeeze(
@@ -90,13 +97,20 @@ def squeeze(
 
 
 def tps_reduce(
-    x: Tensor, size: Tensor, score: Tensor, prefix: int, keep_rate: float, temperature: float = 1.0
+    x: Tensor,
+    size: Tensor,
+    score: Tensor,
+    prefix: int,
+    keep_rate: float,
+    temperature: float = 1.0,
+    n0: int | None = None,
 ) -> Reduction:
-    """Keep the top ``keep_rate`` image tokens of ``x [B, N, C]`` by ``score [B, N-prefix]``
-    and squeeze the rest into their hosts (inference path of dTPS, both paths of eTPS)."""
+    """Keep the top ``int(keep_rate * n0)`` image tokens of ``x [B, N, C]`` by ``score
+    [B, N-prefix]`` (``n0`` the initial image-token count, default ``N - prefix``) and
+    squeeze the rest into their hosts (inference path of dTPS, both paths of eTPS)."""
     b, n, _ = x.shape
     m = n - prefix
-    k = num_kept(m, keep_rate)
+    k = num_kept(m, keep_rate, n0)
     if k >= m:
         return identity(x, size)
     with torch.no_grad():
@@ -157,6 +171,7 @@ class TPS(TokenReducer):
         keep_rate: float = 1.0,
         variant: str = "dtps",
         temperature: float = 1.0,
+        relative: bool = False,
     ):
         super().__init__()
         if variant not in ("dtps", "etps"):
@@ -164,17 +179,19 @@ class TPS(TokenReducer):
         if not 0 < keep_rate <= 1:
             raise ValueError(f"keep_rate must be in (0, 1], got {keep_rate}")
         self.variant, self.keep_rate, self.temperature = variant, keep_rate, temperature
+        self.relative = relative
         self.predictor = Predictor(dim) if variant == "dtps" else None
         if variant == "etps":
             self.where, self.needs = "mid", frozenset({"cls_attn"})
 
     @classmethod
     def paper_setting(cls, depth: int, dim: int) -> tuple[dict[int, dict], bool]:
-        # The official default (``dtps_deit_small_patch16_224``): keep 0.7 at blocks 3, 6
-        # and 9 of 12. The benchmark runs eTPS, the paper's parameter-free variant, so that
-        # timings do not depend on an untrained predictor.
+        # The official default (``dtps_deit_small_patch16_224``): ``keep_ratio=0.7`` at
+        # blocks 3, 6 and 9 of 12, i.e. 0.7 ** s of the initial count at stage s. The
+        # benchmark runs eTPS, the paper's parameter-free variant, so that timings do not
+        # depend on an untrained predictor.
         step = depth // 4
-        return {step * i: {"keep_rate": 0.7, "variant": "etps"} for i in (1, 2, 3)}, False
+        return {step * i: {"keep_rate": 0.7**i, "variant": "etps"} for i in (1, 2, 3)}, False
 
     def budget(self, n: int, prefix: int) -> tuple[int, int]:
         if self.training and self.variant == "dtps":
@@ -184,15 +201,17 @@ class TPS(TokenReducer):
 
     def forward(self, x: Tensor, signals: Signals) -> Reduction:
         prefix = signals.prefix
+        n0 = signals.state.setdefault("tps_init_n", x.shape[1] - prefix)
+        n0 = None if self.relative else n0
         if self.variant == "etps":
             with torch.no_grad():
                 score = signals.cls_attn[:, :, prefix:].mean(dim=1)  # [B, N - prefix]
-            return tps_reduce(x, signals.size, score, prefix, self.keep_rate, self.temperature)
+            return tps_reduce(x, signals.size, score, prefix, self.keep_rate, self.temperature, n0)
         if not self.training:
             live = x.new_ones(x.shape[0], x.shape[1] - prefix, 1)
             logp = self.predictor(x[:, prefix:], live)  # [B, M, 2]
             return tps_reduce(
-                x, signals.size, logp[..., 0], prefix, self.keep_rate, self.temperature
+                x, signals.size, logp[..., 0], prefix, self.keep_rate, self.temperature, n0
             )
         return self._train_step(x, signals)
 

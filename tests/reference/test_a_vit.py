@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 import torch
 
 from reference import vit
@@ -37,16 +38,35 @@ def test_tokens_halt_once_the_cumulative_score_passes_one_minus_eps():
         assert kept.tolist() == expected
 
 
-def test_prefix_tokens_never_halt():
+def test_halted_prefix_tokens_stay_in_place():
     x = tokens()
-    x[..., 0] = 10.0  # every token halts at once
-    out = AViT(gate_scale=10.0, gate_center=0.0).eval()(x, make_signals(x, prefix=2))
+    x[..., 0] = 10.0  # every token halts at once, CLS included (official)
+    signals = make_signals(x, prefix=2)
+    method = AViT(gate_scale=10.0, gate_center=0.0).eval()
+    out = method(x, signals)
     assert out.num_tokens == 2
     torch.testing.assert_close(out.x, x[:, :2])
+    assert not signals.state["a_vit"]["running"].any()
+    cumulative = signals.state["a_vit"]["cumulative"].clone()
+    method(out.x, replace(signals, size=out.size))  # a halted token never runs again
+    assert not signals.state["a_vit"]["running"].any()
+    torch.testing.assert_close(signals.state["a_vit"]["cumulative"], cumulative)
 
 
-def test_ponder_cost_is_blocks_run_plus_remainder():
-    method = AViT(gate_scale=2.0, gate_center=0.0, eps=0.3).train()
+def test_pin_prefix_keeps_prefix_tokens_running():
+    x = tokens()
+    x[..., 0] = 10.0
+    for pin in (False, True):
+        signals = make_signals(x, prefix=2)
+        AViT(gate_scale=10.0, gate_center=0.0, pin_prefix=pin).eval()(x, signals)
+        running = signals.state["a_vit"]["running"]
+        assert running.shape == (B, 2) and bool(running.all()) == pin
+
+
+@pytest.mark.parametrize("pin_prefix", [False, True])
+def test_ponder_cost_is_blocks_run_plus_remainder(pin_prefix):
+    """Official ``rho_token``: CLS ponders and halts like any token unless pinned."""
+    method = AViT(gate_scale=2.0, gate_center=0.0, eps=0.3, pin_prefix=pin_prefix).train()
     x1, x2 = tokens(seed=1).requires_grad_(True), tokens(seed=2)
     signals = make_signals(x1)
     first = method(x1, signals)
@@ -54,7 +74,10 @@ def test_ponder_cost_is_blocks_run_plus_remainder():
     h1, h2 = scores(x1.detach(), 2.0, 0.0), scores(x2, 2.0, 0.0)
     halted1 = h1 >= 0.7
     halted2 = ~halted1 & (h1 + h2 >= 0.7)
-    halted1[:, 0] = halted2[:, 0] = False
+    if pin_prefix:
+        halted1[:, 0] = halted2[:, 0] = False
+    else:
+        assert halted1[:, 0].any() or halted2[:, 0].any(), "the inputs must let a CLS halt"
     expected = torch.where(halted1, 2.0, torch.where(halted2, 3.0 - h1, 2.0))
     ponder = signals.state["a_vit"]["ponder"]
     torch.testing.assert_close(ponder, expected)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from reference.ats import ATS, inverse_transform_sampling, significance_scores
+from reference.core import Signals
 from tests.reference.conftest import B, N, make_signals, tokens
+from tests.reference.fixtures import load, tensor
+
+GOLDEN = load("ats")
 
 
 def sample_one(score: torch.Tensor, k: int) -> set[int]:
@@ -96,3 +101,56 @@ def test_a_zero_value_token_is_never_sampled():
     for i in range(B):
         keep = out.mask[i] > 0 if out.mask is not None else torch.ones(out.num_tokens, dtype=bool)
         assert target[i].item() not in out.index[i][keep].tolist()
+
+
+@pytest.mark.parametrize(
+    "case", GOLDEN["cases"], ids=lambda c: f"n{c['n']}-ref{c['n_ref']}-scale{c['logit_scale']:g}"
+)
+def test_reproduces_the_official_sampler_golden_fixture(case):
+    """The official ``score_assignment_step`` + ``inverse_transform_sampling`` (levels: the
+    initial count ``n_ref - 1``; attention with ``+ 1e-6 / N``) pick the same tokens."""
+    x, cls_attn, values = tensor(case["x"]), tensor(case["cls_attn"]), tensor(case["values"])
+    b, n, _ = x.shape
+    signals = Signals(
+        prefix=1, size=torch.ones(b, n, 1), cls_attn=cls_attn, values=values,
+        state={"ats_init_n": case["n_ref"] - 1},  # an earlier ATS block saw n_ref tokens
+    )  # fmt: skip
+    out = ATS(k=n - 1)(x, signals)
+    mask = out.mask if out.mask is not None else torch.ones(out.index.shape)
+    for i in range(b):
+        real = mask[i, 1:] > 0
+        assert sorted((out.index[i, 1:][real] - 1).tolist()) == case["kept"][i]
+        official = tensor(case["selected_x"])[i, 1:][tensor(case["policy"])[i, 1:] > 0]
+        ours = out.x[i, 1:][real]
+        # Same rows; the official code orders them by ascending score, ours by position.
+        torch.testing.assert_close(
+            ours[ours[:, 0].argsort()], official[official[:, 0].argsort()], atol=1e-5, rtol=1e-5
+        )
+        torch.testing.assert_close(out.x[i, 0], tensor(case["selected_x"])[i, 0])
+
+
+def test_levels_stay_at_the_initial_count_in_later_blocks():
+    """Official ``n_ref_tokens``: the first ATS block's count sets the levels of every block."""
+    case = GOLDEN["cases"][1]
+    assert case["n"] < case["n_ref"]
+    x, cls_attn, values = tensor(case["x"]), tensor(case["cls_attn"]), tensor(case["values"])
+    b, n, _ = x.shape
+
+    def kept(state):
+        s = Signals(prefix=1, size=torch.ones(b, n, 1), cls_attn=cls_attn, values=values,
+                    state=state)  # fmt: skip
+        out = ATS(k=n - 1)(x, s)
+        mask = out.mask if out.mask is not None else torch.ones(out.index.shape)
+        return [sorted((out.index[i, 1:][mask[i, 1:] > 0] - 1).tolist()) for i in range(b)]
+
+    assert kept({"ats_init_n": case["n_ref"] - 1}) == case["kept"]
+    assert kept({}) != case["kept"]  # levels = current count: not the official picks
+
+
+def test_official_epsilon_matters_where_attention_underflows():
+    case = GOLDEN["cases"][2]
+    cls_attn, values = tensor(case["cls_attn"]), tensor(case["values"])
+    assert (cls_attn == 0).any()
+    plain = significance_scores(cls_attn, values, 1)
+    official = significance_scores(cls_attn, values, 1, eps=1e-6)
+    assert (plain == 0).any() and not (official[values[:, :, 1:].norm(dim=(1, 3)) > 0] == 0).any()

@@ -60,3 +60,19 @@ def test_training_masks_are_hard_and_hierarchical():
     second = method(x, signals)
     assert (second.mask <= first.mask).all()
     assert len(signals.state["dynamicvit"]["decisions"]) == 2
+
+
+def test_official_schedule_keeps_int_of_196_times_rho_to_the_stage():
+    """Official ``models/dyvit.py``: ``int(init_n * token_ratio[s])`` with ``token_ratio =
+    [0.7, 0.7**2, 0.7**3]`` keeps 137/96/67 of 196 (not 137/95/66, rounding per stage)."""
+    from reference import vit
+
+    torch.manual_seed(0)
+    model = vit.VisionTransformer(img_size=224, embed_dim=16, depth=12, num_heads=2).eval()
+    setting, _ = DynamicViT.paper_setting(12, 16)
+    vit.apply(model, {layer: DynamicViT(**kw).eval() for layer, kw in setting.items()})
+    with torch.no_grad():
+        model(torch.randn(2, 3, 224, 224))
+    assert vit.tokens_after(model) == [1 + 137, 1 + 96, 1 + 67]
+    relative = DynamicViT(dim=16, keep_ratio=0.7, relative=True)
+    assert [relative.kept(m) for m in (196, 137, 95)] == [137, 95, 66]

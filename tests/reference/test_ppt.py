@@ -10,6 +10,7 @@ from reference.core import keep_tokens
 from reference.ppt import PPT, ppt_reduce, significance
 from reference.tome import merge_wavg
 from tests.reference.conftest import B, N, make_signals
+from tests.reference.fixtures import load, tensor
 
 
 def test_significance_is_cls_attention_times_value_norm_normalised(x):
@@ -35,10 +36,31 @@ def test_threshold_zero_prunes_the_least_significant(x):
     (out, pooled), s = run(x, r=5, threshold=0.0)
     assert not pooled.any()
     top = significance(s.cls_attn, s.values, 1).topk(N - 1 - 5, dim=1).indices + 1
-    expected = keep_tokens(x, s.size, 1, top)
-    assert torch.equal(out.index, expected.index)
-    torch.testing.assert_close(out.x, expected.x)
+    # Official order: CLS, then the kept tokens by descending significance.
+    assert torch.equal(out.index[:, 0], torch.zeros(B, dtype=torch.long))
+    assert torch.equal(out.index[:, 1:], top)
+    torch.testing.assert_close(out.x, x.gather(1, out.index[..., None].expand_as(out.x)))
     assert (out.size == 1).all() and ((out.assign >= 0).sum(1) == N - 5).all()
+    # ``spatial_order`` keeps the same tokens in input order.
+    s = make_signals(x)
+    spatial, _ = ppt_reduce(x, s.size, s.cls_attn, s.values, s.keys, 1, 5, 0.0, True)
+    expected = keep_tokens(x, s.size, 1, top)
+    assert torch.equal(spatial.index, expected.index)
+    torch.testing.assert_close(spatial.x, expected.x)
+    assert torch.equal(spatial.assign, expected.assign)
+
+
+def test_reproduces_the_official_block_golden_fixture():
+    """The official ``pp_block_adaptive`` (timm Block, zero MLP) on fixed inputs: two
+    images pool with ToMe, two prune and keep their tokens in descending-score order."""
+    g = load("ppt")
+    out, pooled = ppt_reduce(
+        tensor(g["x_mid"]), tensor(g["size"]), tensor(g["cls_attn"]), tensor(g["values"]),
+        tensor(g["keys"]), 1, g["r"], g["threshold"],
+    )  # fmt: skip
+    assert pooled.tolist() == g["pooled"]
+    torch.testing.assert_close(out.x, tensor(g["out_x"]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.size, tensor(g["out_size"]), atol=1e-5, rtol=1e-5)
 
 
 def test_infinite_threshold_pools_with_tome(x):

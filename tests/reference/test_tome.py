@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from reference.core import Signals
 from reference.tome import ToMe, merge_wavg
+from tests.reference.fixtures import load, tensor
+
+GOLDEN = load("tome")
 
 
 def official_merge(x, size, keys, r):
@@ -63,3 +67,27 @@ def test_at_most_half_the_non_prefix_tokens_merge_in_one_step():
     x, keys = torch.randn(1, 11, 8), torch.randn(1, 11, 4)
     out = ToMe(r=100)(x, Signals(prefix=1, size=torch.ones(1, 11, 1), keys=keys))
     assert out.x.shape[1] == 11 - 5
+
+
+@pytest.mark.parametrize("case", GOLDEN["cases"], ids=lambda c: f"n{c['n']}-prefix{c['prefix']}")
+def test_reproduces_the_official_merge_golden_fixture(case):
+    """Two merges in a row, as the official ``bipartite_soft_matching`` + ``merge_wavg``;
+    without a prefix token the kept A tokens stay in score order, which changes step 2."""
+    x, size, metric = tensor(case["x"]), tensor(case["size"]), tensor(case["metric"])
+    for step in case["steps"]:
+        out = merge_wavg(x, size, case["r"], case["prefix"], metric)
+        torch.testing.assert_close(out.x, tensor(step["x"]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.size, tensor(step["size"]), atol=1e-5, rtol=1e-5)
+        x, size, metric = out.x, out.size, out.x
+
+
+def test_always_sort_puts_the_kept_tokens_in_input_order_without_a_prefix():
+    case = GOLDEN["cases"][0]
+    assert case["prefix"] == 0
+    x, size, metric = tensor(case["x"]), tensor(case["size"]), tensor(case["metric"])
+    default = merge_wavg(x, size, case["r"], 0, metric)
+    ordered = merge_wavg(x, size, case["r"], 0, metric, always_sort=True)
+    n_unm = default.x.shape[1] - x.shape[1] // 2
+    assert not torch.equal(default.index[:, :n_unm], ordered.index[:, :n_unm])
+    assert (ordered.index[:, :n_unm].diff(dim=1) > 0).all()
+    assert torch.equal(default.index.sort(1).values, ordered.index.sort(1).values)

@@ -97,3 +97,21 @@ def test_bfloat16_squeeze_stays_close_to_float32():
     half = method(x.bfloat16(), make_signals(x.bfloat16()))
     assert torch.equal(full.index, half.index)
     torch.testing.assert_close(half.x.float(), full.x, rtol=0.05, atol=0.05)
+
+
+def test_official_schedule_keeps_int_of_196_times_rho_to_the_stage():
+    """Official ``keep_ratio_list = [0.7 ** (k + 1)]`` with ``int(init_n * ratio)`` keeps
+    137/96/67 of 196 (not 137/95/66, rounding per stage); ``relative=True`` gives those."""
+    from reference import vit
+
+    torch.manual_seed(0)
+    model = vit.VisionTransformer(img_size=224, embed_dim=16, depth=12, num_heads=2).eval()
+    setting, _ = TPS.paper_setting(12, 16)
+    for variant in ("etps", "dtps"):
+        reducers = {layer: TPS(16, **{**kw, "variant": variant}) for layer, kw in setting.items()}
+        vit.apply(model, {layer: r.eval() for layer, r in reducers.items()})
+        with torch.no_grad():
+            model(torch.randn(2, 3, 224, 224))
+        assert vit.tokens_after(model) == [1 + 137, 1 + 96, 1 + 67]
+    relative = TPS(16, keep_rate=0.7, relative=True).eval()
+    assert [relative.budget(1 + m, 1)[0] - 1 for m in (196, 137, 95)] == [137, 95, 66]
