@@ -36,15 +36,47 @@ class YamlSyntaxError(ValueError):
 
 @dataclass
 class LocatedYaml:
+    """The data of one document, and its node tree to find the line of any field.
+
+    Lines are looked up only when a problem is reported, so a valid file costs
+    no line bookkeeping at all.
+    """
+
     data: object
-    lines: dict[Path_, int] = field(default_factory=dict)
+    text: str = ""
     duplicate_keys: list[tuple[Path_, int]] = field(default_factory=list)
+    _root: yaml.Node | None = field(default=None, repr=False)
 
     def line_of(self, path: Path_) -> int:
-        """Line of ``path``, or of its nearest ancestor that exists in the file."""
-        while path and path not in self.lines:
-            path = path[:-1]
-        return self.lines.get(path, 1)
+        """Line of ``path``, or of its nearest ancestor that exists in the file.
+
+        A mapping's field is on its key's line; a list item on the item's first line.
+        The node tree is composed again on the first look-up: holding thousands of
+        trees between loading and reporting would cost more (in garbage collection)
+        than composing one file again when it has a problem.
+        """
+        if self._root is None and self.text:
+            self._root = yaml.compose(self.text, Loader=_LOADER)
+        node = self._root
+        if node is None:
+            return 1
+        line = node.start_mark.line + 1
+        for part in path:
+            if isinstance(node, yaml.MappingNode):
+                for key_node, value_node in node.value:
+                    if key_node.value == part:  # the first of duplicate keys, as loaded
+                        line, node = key_node.start_mark.line + 1, value_node
+                        break
+                else:
+                    return line
+            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+                if not 0 <= part < len(node.value):
+                    return line
+                node = node.value[part]
+                line = node.start_mark.line + 1
+            else:
+                return line
+        return line
 
 
 class _Constructor(yaml.constructor.SafeConstructor):
@@ -79,9 +111,10 @@ def load_located(text: str) -> LocatedYaml:
         if node is not None:
             # Lines first: the walk refuses aliases and deep nesting before any value is
             # built, which is where an alias bomb would explode.
+            located.text, located._root = text, node
             constructor = _Constructor()
             try:
-                located.data = _walk(node, (), located, set(), constructor)
+                located.data = _walk(node, [], located, set(), constructor)
             except YamlSyntaxError:
                 raise
             except _VALUE_ERRORS:
@@ -100,6 +133,7 @@ def load_located(text: str) -> LocatedYaml:
         raise YamlSyntaxError(1, f"invalid YAML: {exc}") from exc
     except RecursionError as exc:  # libyaml composes iteratively; the pure-Python one does not
         raise YamlSyntaxError(1, f"nested too deeply (more than {MAX_DEPTH} levels)") from exc
+    located._root = None  # see line_of
     return located
 
 
@@ -110,30 +144,29 @@ _MERGE = "tag:yaml.org,2002:merge"
 
 
 def _walk(
-    node: yaml.Node, path: Path_, out: LocatedYaml, seen: set[int], constructor: _Constructor
+    node: yaml.Node, path: list, out: LocatedYaml, seen: set[int], constructor: _Constructor
 ) -> object:
-    """Record lines and build the value in one pass; refuse aliases of collections and
-    nesting deeper than MAX_DEPTH before anything is built.
+    """Build the value; refuse aliases of collections and nesting deeper than MAX_DEPTH
+    before anything is built; record duplicate keys.
 
     Strings, plain mappings and lists are built here (most of an entry, and much faster
-    than PyYAML's generic constructor); other tags go to the constructor.
+    than PyYAML's generic constructor); other tags go to the constructor. ``path`` is the
+    field path so far, extended and restored in place.
     """
+    if isinstance(node, yaml.ScalarNode):  # an alias of a scalar cannot grow
+        return node.value if node.tag in _PLAIN else constructor.construct_object(node, True)
     if len(path) >= MAX_DEPTH:
         raise YamlSyntaxError(
             node.start_mark.line + 1,
             f"nested more than {MAX_DEPTH} levels deep; an entry nests at most 3",
         )
-    out.lines.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.ScalarNode):  # an alias of a scalar cannot grow
-        return node.value if node.tag in _PLAIN else constructor.construct_object(node, True)
     if id(node) in seen:
         raise YamlSyntaxError(
-            out.lines[path],
+            out.line_of(tuple(path)),
             "YAML aliases (*name) are not allowed in catalog files: write the value out",
         )
     seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
-        keys: set[str] = set()
         mapping: dict = {}
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
@@ -145,18 +178,21 @@ def _walk(
                 raise YamlSyntaxError(
                     key_node.start_mark.line + 1, "YAML merge keys (<<) are not allowed"
                 )
-            key = key_node.value
-            child = (*path, key)
-            if key in keys:
-                out.duplicate_keys.append((child, key_node.start_mark.line + 1))
+            key = (
+                key_node.value
+                if key_node.tag in _PLAIN
+                else constructor.construct_object(key_node, True)
+            )
+            if key in mapping:
+                out.duplicate_keys.append(((*path, key_node.value), key_node.start_mark.line + 1))
                 continue
-            keys.add(key)
-            out.lines[child] = key_node.start_mark.line + 1
-            value = _walk(value_node, child, out, seen, constructor)
-            out.lines[child] = key_node.start_mark.line + 1
-            mapping[_walk(key_node, child, LocatedYaml(None), seen, constructor)] = value
+            path.append(key_node.value)
+            mapping[key] = _walk(value_node, path, out, seen, constructor)
+            path.pop()
         return mapping if node.tag == _MAP else constructor.construct_object(node, True)
-    items = [
-        _walk(item, (*path, index), out, seen, constructor) for index, item in enumerate(node.value)
-    ]
+    items = []
+    for index, item in enumerate(node.value):
+        path.append(index)
+        items.append(_walk(item, path, out, seen, constructor))
+        path.pop()
     return items if node.tag == _SEQ else constructor.construct_object(node, True)
