@@ -14,8 +14,10 @@ The contract (``reference.core``):
   ``Signals`` record: the number of protected prefix tokens (CLS,
   distillation), token sizes ``[B, N, 1]``, and the signals it declares in
   ``needs``: head-averaged keys ``[B, N, D]``, the CLS attention row
-  ``[B, H, N]``, full attention maps ``[B, H, N, N]`` or values, plus a
-  per-forward ``state`` dict for methods that carry state across layers.
+  ``[B, H, N]``, full attention maps ``[B, H, N, N]`` (probabilities, or the
+  pre-softmax ``attn_logits``), values, or the next block's full-width query
+  and key projections ``next_q``/``next_k`` ``[B, N, C]`` (LLaVA vision hook),
+  plus a per-forward ``state`` dict for methods that carry state across layers.
 - It returns a ``Reduction``: the reduced tokens ``[B, N', C]`` with the prefix
   unchanged in front, token sizes for proportional attention, ``index``
   (the input token each output continues) and ``assign`` (the output slot each

@@ -26,7 +26,16 @@ class Signals:
         cls_attn: ``[B, H, N]`` attention of the CLS query to every token.
         attn: ``[B, H, N, N]`` full attention probabilities; only computed for
             methods that declare ``needs = {"attn"}``.
+        attn_logits: ``[B, H, N, N]`` the pre-softmax attention logits of the same
+            layer, ``q k^T / sqrt(D)`` plus the proportional-attention ``log s``
+            bias where the host uses one (``needs = {"attn_logits"}``).
         values: ``[B, H, N, D]`` attention values (``needs = {"values"}``).
+        next_q: ``[B, N, C]`` the next block's full-width query projection of the
+            hook's output (its ``qkv(norm1(x))`` split before the heads, bias
+            included); ``needs = {"next_q"}`` or ``{"next_k"}`` asks for both, and
+            a host gives them only where the hook's output is the next block's
+            input (the LLaVA host's vision hook, when a block follows it).
+        next_k: ``[B, N, C]`` the next block's full-width key projection (as ``next_q``).
         layer: index of the block the hook belongs to.
         state: per-forward scratch space a method may use to carry its own
             state across layers (e.g. A-ViT's halting scores, a keep mask).
@@ -37,7 +46,10 @@ class Signals:
     keys: Tensor | None = None
     cls_attn: Tensor | None = None
     attn: Tensor | None = None
+    attn_logits: Tensor | None = None
     values: Tensor | None = None
+    next_q: Tensor | None = None
+    next_k: Tensor | None = None
     layer: int = 0
     state: dict = field(default_factory=dict)
 
@@ -103,7 +115,8 @@ class TokenReducer(nn.Module):
 
     Subclasses set ``catalog_id`` (the catalog entry), ``kind`` (a mechanism
     term of the taxonomy), ``needs`` (signals beyond ``x`` and ``size``:
-    any of ``"keys"``, ``"cls_attn"``, ``"attn"``) and ``where`` (``"mid"``:
+    any of ``"keys"``, ``"cls_attn"``, ``"attn"``, ``"attn_logits"``, ``"values"``,
+    ``"next_q"``, ``"next_k"``; a host computes only what is named) and ``where`` (``"mid"``:
     after attention and before the MLP, the default; ``"pre"``: before the
     block's attention), and implement ``forward(x, signals) -> Reduction``.
     """

@@ -31,12 +31,12 @@ Deviations from the official code:
   over heads *and over the batch* (one plan for all samples); here every sample
   gets its own plan from its head-mean logits, and the correlation weights are
   the softmax of those logits, as in the official ``Correlate``. The logits are
-  read from ``signals.attn_logits`` ``[B, H, N, N]`` when the host provides
-  them; the hosts in this package expose only probabilities today, and then
-  the head mean of ``signals.attn`` is used, which is not the official score
-  (on random 8-head maps with 576 patches only 10-20% of the discarded set
-  agrees). ``redundancy`` on head-mean logits reproduces the official
-  ``Filter`` ranking (``tests/reference/fixtures/ficoco.json``).
+  read from ``signals.attn_logits`` ``[B, H, N, N]``, which both hosts in this
+  package compute for it (``needs`` names them); given only probabilities (a
+  caller's own ``Signals``), the head mean of ``signals.attn`` is used, which
+  is not the official score (on random 8-head maps with 576 patches only 10-20%
+  of the discarded set agrees). ``redundancy`` on head-mean logits reproduces
+  the official ``Filter`` ranking (``tests/reference/fixtures/ficoco.json``).
 - The local penalty runs only when the non-prefix tokens form a square grid
   (the first step); the official code carries a global 576-slot score buffer
   across layers to guess the layout after earlier reductions.
@@ -158,7 +158,7 @@ class FiCoCo(TokenReducer):
 
     catalog_id = "ficoco"
     kind = "merging"
-    needs = frozenset({"attn"})
+    needs = frozenset({"attn", "attn_logits"})
     where = "mid"
     test_configs: ClassVar[dict[str, dict]] = {"zero": {"r": 0}, "some": {"r": 6}}
 

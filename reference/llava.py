@@ -7,7 +7,10 @@ lengths are right-padded; ``valid`` masks the padding out of every attention.
 Hooks:
 - ``vision``: a ViT ``TokenReducer`` applied to the vision tower's features at
   the selected layer (CLS included as prefix; LLaVA then drops CLS), with the
-  CLS attention row and keys of that layer (FasterVLM, VisionZip, PruMerge).
+  CLS attention row and keys of that layer (FasterVLM, VisionZip), and, for a
+  reducer that names them in ``needs``, that layer's full maps and pre-softmax
+  logits (FiCoCo-V) and the next block's full-width query and key projections
+  of these features (PruMerge; None when the selected layer is the last block).
 - ``llm[layer]``: an ``LLMReducer`` applied to the hidden states after decoder
   layer ``layer`` during prefill, with the attention of each sample's last
   instruction token to every key of that layer (FastV, PyramidDrop). Only rows
@@ -252,6 +255,11 @@ class LlavaHost(nn.Module):
             out, signals = block.attn(block.norm1(x), None, needs)
             x = x + out
             x = x + block.mlp(block.norm2(x))
+            if needs & {"next_q", "next_k"} and i + 1 < len(vt.blocks):
+                # The next block's full-width q and k of this output (None after the last).
+                nxt, c = vt.blocks[i + 1], x.shape[-1]
+                qkv = nxt.attn.qkv(nxt.norm1(x))  # [B, N, 3C]: q, k, v before the head split
+                signals["next_q"], signals["next_k"] = qkv[..., :c], qkv[..., c : 2 * c]
             if reducer is not None:
                 reduction = reducer(
                     x, Signals(prefix=1, size=ctx.size, layer=i, state=state, **signals)

@@ -22,10 +22,12 @@ Deviations from the official code:
   ``softmax(q k^T / sqrt(C))``, and uses its CLS row as ``a_j`` and those
   full-width keys for the similarity. ``official_signals`` does exactly that, and
   the default ``signals="next"`` uses it when the host provides that layer's
-  projections (``signals.next_q``, ``signals.next_k``, ``[B, N, C]``). The hosts in
-  this package do not provide them yet; the reducer then falls back to the hook
-  layer's own head-averaged CLS attention and keys (``signals="hook"``), which is
-  not the official choice (the kept sets can differ widely).
+  projections (``signals.next_q``, ``signals.next_k``, ``[B, N, C]``). The LLaVA
+  host computes them at its vision hook when a block follows the selected layer
+  (as in LLaVA-1.5, layer 22 of 24); where they are missing (the ViT host, a
+  hook at the last block, a caller's own ``Signals``) the reducer falls back to
+  the hook layer's own head-averaged CLS attention and keys (``signals="hook"``),
+  which is not the official choice (the kept sets can differ widely).
 - Batches: official PruMerge+ crashes at batch > 1 (it concatenates one grid row
   to the ``[B, k]`` indices), and both variants run the IQR test on the attention
   of the whole batch flattened (so one image changes another's count) and loop in
@@ -199,7 +201,7 @@ class LLaVAPruMerge(TokenReducer):
 
     catalog_id = "llava_prumerge"
     kind = "pruning"
-    needs = frozenset({"cls_attn", "keys"})
+    needs = frozenset({"cls_attn", "keys", "next_q", "next_k"})
     test_configs: ClassVar[dict[str, dict]] = {
         "zero": {"keep_ratio": 1.0},
         "some": {},
@@ -223,6 +225,8 @@ class LLaVAPruMerge(TokenReducer):
         if signals not in ("next", "hook"):
             raise ValueError(f"signals must be 'next' or 'hook', got {signals!r}")
         self.keep_ratio, self.plus, self.k_nn, self.signals = keep_ratio, plus, k_nn, signals
+        if signals == "hook":  # the host need not compute the next block's projections
+            self.needs = frozenset({"cls_attn", "keys"})
 
     def _fixed(self, m: int) -> int:
         return max(1, int(m * self.keep_ratio))

@@ -9,7 +9,10 @@ register tokens, eval-mode dropout):
 - attention runs through ``scaled_dot_product_attention``; the signals a
   method asks for are computed on the side: head-averaged keys, the CLS
   query's attention row only (one ``[B, H, 1, N]`` product), or the full maps
-  (only for methods that need them);
+  and their pre-softmax logits (only for methods that need them); the next
+  block's projections (``Signals.next_q``/``next_k``) are not given here, since
+  a ``"mid"`` hook's output is not yet the next block's input (the MLP follows);
+  a method that asks for them gets None;
 - proportional attention (ToMe, Eq. 1): ``softmax(q k^T / sqrt(d) + log s)``
   with ``s`` the token sizes, switched on by ``proportional_attn``.
 """
@@ -50,7 +53,7 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)  # [B, H, N, D]
         bias = size.log().to(q.dtype)[:, None, None, :, 0] if size is not None else None
         signals: dict[str, Tensor] = {}
-        if "attn" in needs:
+        if "attn" in needs or "attn_logits" in needs:
             logits = (q * self.scale) @ k.transpose(-2, -1)  # [B, H, N, N]
             if bias is not None:
                 logits = logits + bias
@@ -58,6 +61,8 @@ class Attention(nn.Module):
             out = attn @ v
             signals["attn"] = attn
             signals["cls_attn"] = attn[:, :, 0]
+            if "attn_logits" in needs:
+                signals["attn_logits"] = logits
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
             if "cls_attn" in needs:

@@ -5,15 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+from reference import vit
 from reference.core import Signals
 from reference.ficoco import FiCoCo, FiCoCoL, local_penalty, redundancy
 from reference.llava import TINY, LlavaHost, LLMSignals
+from reference.tome import ToMe
 from tests.reference.conftest import (
     B,
     N,
     assert_cached_decoding_matches,
     llava_inputs,
     make_signals,
+    tiny_host,
     tokens,
 )
 from tests.reference.fixtures import load, tensor
@@ -148,3 +151,45 @@ def test_filter_reproduces_the_official_ranking(case):
     out = FiCoCo(r=case["r"])(x, signals)
     kept = sorted(set(range(1, 577)) - set(case["discarded"]))
     assert out.index[0, 1:].tolist() == kept
+
+
+def head_mean_logits(attn_module, x: torch.Tensor, size: torch.Tensor | None) -> torch.Tensor:
+    """``[B, N, N]`` head mean of ``q k^T / sqrt(d) (+ log s)`` from a block's own q/k."""
+    c, h = x.shape[-1], attn_module.num_heads
+    q, k, _ = attn_module.qkv(x).chunk(3, -1)
+    q, k = (t.unflatten(-1, (h, c // h)).transpose(1, 2) for t in (q, k))
+    logits = q @ k.transpose(-1, -2) * (c // h) ** -0.5
+    if size is not None:
+        logits = logits + size.log()[:, None, None, :, 0]
+    return logits.mean(1)
+
+
+def kept_by_hand(logits: torch.Tensor, r: int) -> list[list[int]]:
+    order = redundancy(logits, prefix=1).argsort(1, descending=True)
+    return (order[:, r:].sort(1).values + 1).tolist()
+
+
+@torch.no_grad()
+def test_vit_host_scores_with_the_blocks_logits_and_size_bias():
+    """ToMe merges at block 0, so block 1's logits carry the proportional ``log s`` bias."""
+    host = tiny_host(depth=2)
+    seen = {}
+    host.blocks[1].norm1.register_forward_hook(lambda m, i, o: seen.update(x=o))
+    vit.apply(host, {0: ToMe(r=2), 1: FiCoCo(r=5)}, proportional_attn=True)
+    host(torch.randn(B, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    first, second = host.last_state.reductions
+    logits = head_mean_logits(host.blocks[1].attn, seen["x"], first.size)
+    assert second.index[:, 1:].tolist() == kept_by_hand(logits, 5)
+
+
+@torch.no_grad()
+def test_llava_host_scores_with_the_vision_layers_logits():
+    images = llava_inputs()[0]
+    torch.manual_seed(0)
+    host = LlavaHost(TINY).eval().apply(vision=FiCoCo(r=10))
+    seen = {}
+    block = host.vision_tower.blocks[TINY.vision_layer]
+    block.norm1.register_forward_hook(lambda m, i, o: seen.setdefault("x", o))
+    _, reduction = host.encode_images(images, {})
+    logits = head_mean_logits(block.attn, seen["x"], None)
+    assert reduction.index[:, 1:].tolist() == kept_by_hand(logits, 10)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-import torch
+from dataclasses import replace
 
+import torch
+import torch.nn.functional as F
+
+from reference.core import TokenReducer, identity
 from reference.fastv import FastV
 from reference.llava import TINY, LlavaHost, LLMReducer, LLMSignals
 from reference.tome import ToMe
+from reference.vit import HostState
 from tests.reference.test_vlm_contract import inputs
 
 
@@ -80,3 +85,59 @@ def test_a_vision_stage_reducer_shortens_the_language_models_input():
     cached = model.decode(token, cache)
     recomputed, _ = model.prefill(images, prefix, suffix, valid, extra_ids=token[:, None])
     torch.testing.assert_close(cached, recomputed, rtol=1e-4, atol=1e-5)
+
+
+class VisionSpy(TokenReducer):
+    """Keeps every token; records the vision hook's input and signals."""
+
+    catalog_id = "test_vision_spy"
+
+    def __init__(self, needs):
+        super().__init__()
+        self.needs, self.seen = frozenset(needs), []
+
+    def forward(self, x, signals):
+        self.seen.append((x, signals))
+        return identity(x, signals.size)
+
+
+def tower_input(model: LlavaHost, images, layer: int) -> torch.Tensor:
+    """The input of vision block ``layer`` (no reducer runs before the hook)."""
+    vt = model.vision_tower
+    x = vt.patch_embed(images)
+    x = torch.cat([vt.cls_token.expand(x.shape[0], -1, -1), x], 1) + vt.pos_embed
+    for block in vt.blocks[:layer]:
+        x = block(x, HostState(x, 1, proportional=False))
+    return x
+
+
+@torch.no_grad()
+def test_vision_hook_gives_logits_and_the_next_blocks_projections():
+    model = host()
+    spy = VisionSpy({"attn_logits", "next_q", "next_k"})
+    images = inputs()[0]
+    model.apply(vision=spy).encode_images(images, {})
+    ((x, seen),) = spy.seen
+    layer, c, heads = TINY.vision_layer, 32, 4
+    block, nxt = model.vision_tower.blocks[layer], model.vision_tower.blocks[layer + 1]
+    q, k, _ = block.attn.qkv(block.norm1(tower_input(model, images, layer))).chunk(3, -1)
+    q, k = (t.unflatten(-1, (heads, c // heads)).transpose(1, 2) for t in (q, k))
+    torch.testing.assert_close(seen.attn_logits, q @ k.transpose(-1, -2) * (c // heads) ** -0.5)
+    torch.testing.assert_close(x, tower_input(model, images, layer + 1))
+    w, b = nxt.attn.qkv.weight, nxt.attn.qkv.bias
+    y = F.layer_norm(x, (c,), nxt.norm1.weight, nxt.norm1.bias, eps=1e-6)
+    torch.testing.assert_close(seen.next_q, y @ w[:c].T + b[:c])
+    torch.testing.assert_close(seen.next_k, y @ w[c : 2 * c].T + b[c : 2 * c])
+
+
+@torch.no_grad()
+def test_next_projections_are_absent_after_the_last_block_and_when_not_needed():
+    torch.manual_seed(0)
+    last = LlavaHost(replace(TINY, vision_layer=TINY.vision["depth"] - 1)).eval()
+    spy = VisionSpy({"next_q", "next_k"})
+    last.apply(vision=spy).encode_images(inputs()[0], {})
+    assert spy.seen[0][1].next_q is None and spy.seen[0][1].next_k is None
+    plain = VisionSpy(set())
+    host().apply(vision=plain).encode_images(inputs()[0], {})
+    seen = plain.seen[0][1]
+    assert seen.next_q is None and seen.attn_logits is None and seen.attn is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,8 @@ import torch.nn.functional as F
 
 from reference.core import Signals
 from reference.llava import TINY, LlavaHost
-from reference.llava_prumerge import LLaVAPruMerge, prumerge
+from reference.llava_prumerge import LLaVAPruMerge, official_signals, prumerge
+from reference.vit import HostState
 from tests.reference.conftest import (
     B,
     assert_cached_decoding_matches,
@@ -143,3 +146,50 @@ def test_reproduces_the_official_prune_and_merge(case):
     ours = torch.stack([official[int(i) - 1] for i in out.index[0, 1:-1]])
     torch.testing.assert_close(out.x[0, 1:-1], ours, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.x[0, -1], tensor(case["out"])[-1], atol=1e-5, rtol=1e-5)
+
+
+def tower_output(host: LlavaHost, images: torch.Tensor) -> torch.Tensor:
+    """The vision features at the hook: the output of block ``vision_layer``."""
+    vt = host.vision_tower
+    x = vt.patch_embed(images)
+    x = torch.cat([vt.cls_token.expand(x.shape[0], -1, -1), x], 1) + vt.pos_embed
+    for block in vt.blocks[: host.cfg.vision_layer + 1]:
+        x = block(x, HostState(x, 1, proportional=False))
+    return x
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("ratio", [None, 0.25])
+@pytest.mark.parametrize("plus", [False, True])
+def test_llava_host_scores_with_the_next_blocks_projections(plus, ratio):
+    """Default ``signals="next"``: q/k of the block after the hook, computed by hand."""
+    torch.manual_seed(0)
+    host = LlavaHost(TINY).eval().apply(vision=LLaVAPruMerge(keep_ratio=ratio, plus=plus))
+    images = llava_inputs()[0]
+    _, got = host.encode_images(images, {})
+    x = tower_output(host, images)
+    nxt, c = host.vision_tower.blocks[TINY.vision_layer + 1], x.shape[-1]
+    y = F.layer_norm(x, (c,), nxt.norm1.weight, nxt.norm1.bias, eps=1e-6)
+    w, b = nxt.attn.qkv.weight, nxt.attn.qkv.bias
+    cls_attn, keys = official_signals(y @ w[:c].T + b[:c], y @ w[c : 2 * c].T + b[c : 2 * c])
+    want = prumerge(x, torch.ones(B, x.shape[1], 1), cls_attn, keys, 1, ratio, plus)
+    assert torch.equal(got.index, want.index)
+    torch.testing.assert_close(got.x, want.x)
+    # The hook layer's own signals (the fallback) keep a different set on these images.
+    host.apply(vision=LLaVAPruMerge(keep_ratio=ratio, plus=plus, signals="hook"))
+    _, hook = host.encode_images(images, {})
+    assert not torch.equal(hook.index, got.index)
+
+
+@torch.no_grad()
+def test_a_hook_at_the_last_block_falls_back_to_the_hook_signals():
+    torch.manual_seed(0)
+    host = LlavaHost(replace(TINY, vision_layer=TINY.vision["depth"] - 1)).eval()
+    images = llava_inputs()[0]
+    _, default = host.apply(vision=LLaVAPruMerge(keep_ratio=0.25)).encode_images(images, {})
+    _, hook = host.apply(vision=LLaVAPruMerge(keep_ratio=0.25, signals="hook")).encode_images(
+        images, {}
+    )
+    assert torch.equal(default.index, hook.index)
+    torch.testing.assert_close(default.x, hook.x)
+    assert LLaVAPruMerge(signals="hook").needs == {"cls_attn", "keys"}

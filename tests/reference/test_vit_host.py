@@ -101,3 +101,30 @@ def test_proportional_attention_counts_a_merged_token_as_its_size():
     size = torch.tensor([[1.0, 1.0, 1.0, 1.0, 2.0]])[..., None]
     out_sized, _ = attn(x, size, frozenset())
     torch.testing.assert_close(out_sized, out_doubled[:, :5], rtol=1e-5, atol=1e-5)
+
+
+def test_attention_logits_are_the_scaled_products_plus_the_size_bias():
+    host = tiny_host(depth=1)
+    attn = host.blocks[0].attn
+    x = torch.randn(2, 17, 32)
+    size = torch.rand(2, 17, 1) + 0.5
+    out_fast, _ = attn(x, size, frozenset())
+    out, sig = attn(x, size, frozenset({"attn_logits"}))
+    q, k, _ = attn.qkv(x).reshape(2, 17, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    expected = q @ k.transpose(-1, -2) * 8**-0.5 + size.log()[:, None, None, :, 0]
+    torch.testing.assert_close(sig["attn_logits"], expected)
+    torch.testing.assert_close(sig["attn"], expected.softmax(-1))
+    torch.testing.assert_close(out, out_fast, rtol=1e-5, atol=1e-5)
+    _, plain = attn(x, size, frozenset({"attn"}))
+    assert "attn_logits" not in plain  # computed only when named
+
+
+def test_the_vit_host_gives_no_next_block_projections():
+    """A "mid" hook's output is not the next block's input yet: next_q/next_k stay None."""
+    host = tiny_host(depth=2)
+    method = DropLast("mid", needs={"next_q", "next_k", "attn_logits"})
+    vit.apply(host, {0: method})
+    host(torch.randn(2, 3, 32, 32))
+    (seen,) = method.seen
+    assert seen.next_q is None and seen.next_k is None
+    assert seen.attn_logits.shape == (2, 4, 17, 17)
