@@ -222,7 +222,10 @@ def test_search_boost_favours_a_name_that_begins_another(catalog):
     assert boosts["fastv"] > boosts["fastvlm"] == pages.PAPER_SEARCH_BOOST
     assert boosts["tome"] == pages.PAPER_SEARCH_BOOST  # "ToMe" begins no other name
     assert boosts["pyra"] > boosts["pyramiddrop"]
-    assert "boost: 8" in pages.paper_page(catalog, paper(catalog, "fastv"), pages.SiteOptions())
+    page = pages.paper_page(catalog, paper(catalog, "fastv"), pages.SiteOptions())
+    front_matter = yaml.safe_load(page.split("---\n")[1])  # what MkDocs reads
+    assert front_matter["search"]["boost"] == 8
+    assert front_matter["title"].startswith("FastV: An Image is Worth 1/2 Tokens")
 
 
 FORBIDDEN = "Fast\x00V\x01 \x1b[31m\x0b\x7f\x85 \u202eevil\u202c \ud800 \ufffe"

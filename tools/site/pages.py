@@ -16,7 +16,6 @@ from functools import cache
 from pathlib import Path
 
 import jinja2
-import yaml
 from markupsafe import Markup, escape
 
 from tools.export_bibtex import render_bibtex, render_entry
@@ -184,7 +183,10 @@ def paper_page(
     """
     if search_boost is None:
         search_boost = search_boosts(catalog)[paper.id]
-    front_matter = yaml.safe_dump(
+    # JSON is YAML (a flow mapping), and json.dumps is ~50x faster than yaml.safe_dump:
+    # a second of the 5,000-paper build. The schema refuses the characters (U+2028, ...)
+    # that YAML would read as line breaks.
+    front_matter = json.dumps(
         # MkDocs themes insert the page title and description unescaped.
         {
             "title": str(escape(paper.display_title)),
@@ -196,8 +198,7 @@ def paper_page(
             "tags": [str(escape(paper.name))],
             "search": {"boost": search_boost},
         },
-        sort_keys=False,
-        allow_unicode=True,
+        ensure_ascii=False,
     )
     return _render(
         "paper.md.j2",
