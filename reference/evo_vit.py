@@ -32,18 +32,29 @@ Deviations from the official code:
   in spatial order (the official end-of-stage restore); the host's final
   ``norm``/head read only the CLS token, so placeholders left in ``state`` after
   the last block are not restored into the output.
-- Each hook re-selects (the official non-stage-wise path); the official DeiT
-  default selects at blocks 4 and 8 only, which you get by hooking only there
-  plus restoring hooks. The DeiT release has no representative token
-  (``representative=False`` reproduces it: placeholders are carried unchanged).
+- Each hook re-selects, from every carried token, with ``g`` as it stands (the
+  official non-stage-wise path), and ``g`` evolves only at hooks. The official DeiT
+  default (``stage_wise_prune``) is not reproducible with hooks: it selects before
+  blocks 4 and 8 with ``g`` from blocks 0-3 (trade-off 1, so ``g`` is block 3's CLS
+  attention), keeps evolving ``g`` on the informative tokens at every block 4-11
+  and restores all tokens after blocks 7 and 11; hooking only blocks 4 and 8 folds
+  in neither blocks 5-7's attention nor block 3's, and a ``"mid"`` hook at block 3
+  would run block 3's MLP on the selection. The DeiT release has no representative
+  token (``representative=False`` reproduces it: placeholders are carried
+  unchanged); the default ``True`` is the LeViT release's.
 - ``g`` reads the host's ``cls_attn`` under ``torch.no_grad()``; the official
   LeViT code lets gradient reach the attention through the representative
   token's weights. Its learnable trade-off (``learn_tradeoff``) and the
   ``g`` rescaling after LeViT's subsampling stages are left out: ``alpha`` is
   the fixed DeiT value 0.5 (the first reducing hook sets ``g`` from its own
   layer, as the official trade-off of 1 for the first four layers does).
-- Left out: the CLS-head auxiliary loss and mean-pooled head of the official
-  training recipe. ``k = int(keep_rate * M)`` (official), at least 1.
+- Head: the official DeiT release classifies, at inference, from the normed mean
+  of all patch tokens (placeholders restored), and trains a CLS head only as an
+  auxiliary loss; the host's head reads the CLS token, so its logits are not the
+  official model's. Both heads and the auxiliary loss are left to the host.
+- ``g`` uses the CLS attention averaged over heads (official: summed; every term of
+  the update scales alike, so the ranking is the same). ``k = int(keep_rate * M)``
+  (official), at least 1.
 - All ``prefix`` tokens are protected; informative tokens are returned in
   spatial order (the official code sorts by ``g``); the representative token is
   last, has ``index == -1`` and ``size`` the sum of the placeholders' sizes.

@@ -21,11 +21,15 @@ Deviations from the official code:
   MLP, where ToMe merges) this module adds the value-path term of the compensated
   attention to the residual stream, ``s * sum_h A_h (Delta_v)_h W_proj,h``, from
   the host's ``attn`` and ``values`` signals, then merges ``r_tgt`` tokens with
-  ``reference.tome`` (whose deviations hold here too). Reparametrisation, exact
-  when ``W_v`` is invertible: the down-projection reads the values
-  ``V = LN(x) W_v + b_v`` instead of ``LN(x)`` (``b_v`` adds a constant vector
-  to every token), and the up-projection is stored per head with ``W_proj``
-  folded in (``[H, R, C]`` instead of ``[R, C]``).
+  ``reference.tome`` (whose deviations hold here too). Reparametrisation: the
+  down-projection reads the values ``V = LN(x) W_v + b_v`` instead of ``LN(x)``,
+  and the up-projection is stored per head with ``W_proj`` folded in (``[H, R, C]``
+  instead of ``[R, C]``). An official adapter maps onto it exactly only when
+  ``W_v`` is invertible and ``b_v = 0``. With a value bias (every timm/DeiT ViT has
+  a qkv bias) the mapped adapter adds, on top of the official delta, the same
+  vector to every token, ``s * sum_h (mask * down b_v) up_h`` with the mapped
+  ``down``/``up`` (attention rows sum to 1), so it does not reproduce the official
+  outputs.
 - Chunk ``k`` sits at dims ``[(k-1) rank, k rank)``; the official adapter puts
   degree 1 at the end of its width (reverse the chunks to load its weights).
 - The query-path delta (``s * Delta_q``, which reshapes the attention map) is

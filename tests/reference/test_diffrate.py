@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from reference.core import Signals
 from reference.diffrate import DiffRate, expected_kept, keep_probability, search_flops
 from tests.reference.conftest import B, N, make_signals
+from tests.reference.fixtures import load, tensor
+
+GOLDEN = load("diffrate")
 
 
 def ranks(signals):
@@ -88,3 +93,46 @@ def test_learned_counts_and_flops():
     merge = expected_kept(method.merge_logits, method.candidates)
     search_flops([(prune, merge)] * 2, 17, c).backward()
     assert method.prune_logits.grad.abs().sum() > 0 and method.merge_logits.grad.abs().sum() > 0
+
+
+def test_paper_setting_picks_the_host_models_searched_schedule():
+    # compression_rate.json at 91ae3e3: ViT-T-DeiT 0.8, ViT-S-DeiT 2.9, ViT-B-DeiT 11.5
+    # (counts include CLS); ours count image tokens.
+    last_blocks = {192: (92, 80, 74, 84, 78, 70), 384: (99, 78, 58, 88, 64, 56)}
+    last_blocks[768] = (107, 72, 43, 94, 50, 35)
+    seen = set()
+    for dim, counts in last_blocks.items():
+        setting, proportional = DiffRate.paper_setting(12, dim)
+        assert proportional and sorted(setting) == list(range(12))
+        kept = [(setting[i]["prune_kept"] + 1, setting[i]["merge_kept"] + 1) for i in (8, 9, 10)]
+        assert tuple(p for p, _ in kept) + tuple(q for _, q in kept) == counts
+        assert setting[11] == {"prune_kept": 2, "merge_kept": 2, "similarity_size": True}
+        seen.add(tuple(sorted((k, tuple(v.items())) for k, v in setting.items())))
+    assert len(seen) == 3  # one schedule per model, not DeiT-B's for all
+    assert DiffRate.paper_setting(24, 1024)[0][23]["merge_kept"] == 31
+    assert DiffRate.paper_setting(12, 16) == ({}, False)
+
+
+@pytest.mark.parametrize(
+    "case", GOLDEN["cases"], ids=lambda c: f"prune{c['prune_kept']}-merge{c['merge_kept']}"
+)
+def test_reproduces_the_official_block_golden_fixture(case):
+    """The official ``DiffRateBlock`` (eval) prunes and merges the same tokens, same values."""
+    x, cls_attn = tensor(case["x"]), tensor(case["cls_attn"])
+    official, official_size = tensor(case["out"]), tensor(case["out_size"])
+    source = torch.tensor(case["source"])  # [B, N_out, N]: inputs each official output absorbed
+    b, n, _ = x.shape
+    signals = Signals(prefix=1, size=tensor(case["size"])[..., None], cls_attn=cls_attn)
+    method = DiffRate(n - 1, case["prune_kept"], case["merge_kept"], similarity_size=True).eval()
+    out = method(x, signals)
+    assert out.num_tokens == official.shape[1]
+    for i in range(b):
+        rows = {frozenset(source[i, j].nonzero()[:, 0].tolist()): j for j in range(source.shape[1])}
+        for slot in range(out.num_tokens):
+            members = frozenset((out.assign[i] == slot).nonzero()[:, 0].tolist())
+            assert members in rows, f"sample {i}: our token {slot} absorbed {sorted(members)}"
+            j = rows[members]
+            torch.testing.assert_close(out.x[i, slot], official[i, j], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                out.size[i, slot, 0], official_size[i, j], atol=1e-5, rtol=1e-5
+            )

@@ -21,12 +21,13 @@ def test_degree_deltas_chain_and_reverse(a, b, c):
     assert m(a, b).abs().sum() == 2 * abs(b - a)  # one rank-2 chunk per degree step
 
 
-def test_value_path_equals_the_official_compensated_attention():
-    """With ``b_v = 0`` the reparametrised delta is the official one, exactly."""
+def _official_and_ours(value_bias: float):
+    """The official value-path delta, and ours with the adapter mapped onto it."""
     gen = torch.Generator().manual_seed(0)
     b, n, r, d = 2, 9, 6, C // H
     z = torch.randn(b, n, C, generator=gen, dtype=torch.float64)  # LN(x), attention input
     w_v = torch.randn(C, C, generator=gen, dtype=torch.float64)  # value projection
+    b_v = value_bias * torch.randn(C, generator=gen, dtype=torch.float64)
     w_proj = torch.randn(C, C, generator=gen, dtype=torch.float64)  # output projection
     attn = torch.randn(b, H, n, n, generator=gen, dtype=torch.float64).softmax(-1)
     down = torch.randn(r, C, generator=gen, dtype=torch.float64)  # official adapter_down
@@ -36,15 +37,29 @@ def test_value_path_equals_the_official_compensated_attention():
     delta_v = ((z @ down.t()) * mask) @ up.t()  # [B, N, C]
     heads = delta_v.reshape(b, n, H, d).transpose(1, 2)  # [B, H, N, D]
     official = 0.1 * ((attn @ heads).transpose(1, 2).reshape(b, n, C) @ w_proj.t())
-    # Ours reads V = z W_v^T and folds W_proj into a per-head up-projection.
-    values = (z @ w_v.t()).reshape(b, n, H, d).transpose(1, 2)
+    # Ours reads V = z W_v^T + b_v and folds W_proj into a per-head up-projection.
+    values = (z @ w_v.t() + b_v).reshape(b, n, H, d).transpose(1, 2)
     down_ours = down @ torch.linalg.inv(w_v)
     up_ours = torch.stack(
         [up.t()[:, h * d : (h + 1) * d] @ w_proj.t()[h * d : (h + 1) * d] for h in range(H)]
     )  # [H, R, C]
     x = torch.randn(b, n, C, generator=gen, dtype=torch.float64)
     ours = compensate(x, attn, values, down_ours, up_ours, mask, 0.1) - x
+    offset = 0.1 * torch.einsum("r,hrc->c", mask * (down_ours @ b_v), up_ours)
+    return official, ours, offset
+
+
+def test_value_path_equals_the_official_compensated_attention():
+    """With ``b_v = 0`` the reparametrised delta is the official one, exactly."""
+    official, ours, _ = _official_and_ours(0.0)
     torch.testing.assert_close(ours, official)
+
+
+def test_a_value_bias_adds_the_same_vector_to_every_token():
+    """With ``b_v != 0`` (every timm/DeiT ViT) the mapped adapter is not the official one."""
+    official, ours, offset = _official_and_ours(0.3)
+    assert (ours - official).abs().max() > 1e-3
+    torch.testing.assert_close(ours - official, offset.expand_as(ours))
 
 
 def _trained(**kwargs) -> ToCom:
