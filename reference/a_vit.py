@@ -128,6 +128,10 @@ class AViT(TokenReducer):
         pin_prefix: bool = False,
     ):
         super().__init__()
+        if not 0 < max_keep <= 1:
+            raise ValueError(f"max_keep must be in (0, 1], got {max_keep}")
+        if not 0 <= eps < 1:
+            raise ValueError(f"eps must be in [0, 1), got {eps}")
         # Official DeiT-T recipe: gate_scale 10, gate_center 30 (75 for DeiT-S), eps 0.01.
         self.gate_scale = gate_scale
         self.gate_center = gate_center
@@ -141,6 +145,10 @@ class AViT(TokenReducer):
     def forward(self, x: Tensor, signals: Signals) -> Reduction:
         b, n, _ = x.shape
         prefix, size = signals.prefix, signals.size
+        if b == 0 and not self.training:  # an empty batch: the budget's shapes
+            k = self.budget(n, prefix)[0]
+            none = x.new_zeros(0, n, dtype=torch.long)
+            return Reduction(x[:, :k], signals.size[:, :k], none[:, :k], none)
         state = signals.state.get("a_vit")
         if state is None or state["cumulative"].shape != (b, n):
             zeros = x.new_zeros(b, n, dtype=torch.float32)

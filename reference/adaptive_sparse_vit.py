@@ -143,6 +143,8 @@ class AdaptiveSparseViT(TokenReducer):
 
     def __init__(self, threshold: float = 1e-3, tau: float = 1e-4, max_keep: float = 1.0):
         super().__init__()
+        if not 0 < max_keep <= 1:
+            raise ValueError(f"max_keep must be in (0, 1], got {max_keep}")
         # Official initial thresholds for three stages: 1e-3, 2e-3, 3e-3.
         self.threshold = nn.Parameter(torch.tensor(float(threshold)))
         self.tau = tau
@@ -153,6 +155,10 @@ class AdaptiveSparseViT(TokenReducer):
 
     def forward(self, x: Tensor, signals: Signals) -> Reduction:
         prefix, size = signals.prefix, signals.size
+        if x.shape[0] == 0 and not self.training:  # an empty batch: the budget's shapes
+            k = self.budget(x.shape[1], prefix)[0]
+            none = x.new_zeros(0, x.shape[1], dtype=torch.long)
+            return Reduction(x[:, :k], signals.size[:, :k], none[:, :k], none)
         score = head_weighted_cls_attention(signals.attn, signals.values)[:, prefix:]  # [B, M]
         present = size[:, prefix:, 0] > 0  # empty slots of an earlier step stay out
         if self.training:

@@ -171,6 +171,8 @@ class ATS(TokenReducer):
         (at least the current count: the official path); ``eps``: the official
         ``softmax_with_policy`` term in the scores (0 for the plain softmax)."""
         super().__init__()
+        if k is not None and not k > 0:
+            raise ValueError(f"k must be a count >= 1, a fraction in (0, 1] or None, got {k}")
         self.k = k
         self.eps = eps
 
@@ -192,6 +194,10 @@ class ATS(TokenReducer):
         k = self.levels(m)
         if k is None:
             return identity(x, signals.size)
+        if x.shape[0] == 0:  # an empty batch: nothing to score; the budget's shapes
+            k = self.budget(x.shape[1], signals.prefix)[0]
+            none = x.new_zeros(0, x.shape[1], dtype=torch.long)
+            return Reduction(x[:, :k], signals.size[:, :k], none[:, :k], none)
         n_ref = signals.state.setdefault("ats_init_n", m)
         if k >= m:  # the official path: as many levels as the initial image count
             k = max(n_ref, m)

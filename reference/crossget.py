@@ -134,6 +134,8 @@ class CrossGET(TokenReducer):
 
     def __init__(self, r: int = 0):
         super().__init__()
+        if r < 0:
+            raise ValueError(f"r must be >= 0, got {r}")
         self.r = r
 
     def budget(self, n: int, prefix: int) -> tuple[int, int]:

@@ -104,6 +104,8 @@ class DyCoke(TokenReducer):
         super().__init__()
         if not 0 <= ratio <= 1:
             raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+        if frame_tokens < 0:
+            raise ValueError(f"frame_tokens must be >= 0, got {frame_tokens}")
         self.frame_tokens, self.ratio = frame_tokens, ratio
 
     def _frames(self, n: int, prefix: int) -> int:
@@ -121,6 +123,10 @@ class DyCoke(TokenReducer):
         t = self._frames(n, prefix)
         if t < 2:
             return identity(x, signals.size)
+        if b == 0:  # an empty batch: nothing to score; the budget's shapes
+            k = self.budget(n, prefix)[0]
+            none = x.new_zeros(0, n, dtype=torch.long)
+            return Reduction(x[:, :k], signals.size[:, :k], none[:, :k], none)
         body = slice(prefix, prefix + t * p)
         keep, rep = ttm_plan(x[:, body].reshape(b, t, p, c), self.ratio)  # 'b (t p) c -> b t p c'
         keep_all = torch.cat([keep.flatten(1), keep.new_ones(b, n - body.stop)], 1)  # tail kept

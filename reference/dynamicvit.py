@@ -117,6 +117,8 @@ class DynamicViT(TokenReducer):
 
     def __init__(self, dim: int, keep_ratio: float = 0.7, relative: bool = False):
         super().__init__()
+        if not 0 <= keep_ratio <= 1:
+            raise ValueError(f"keep_ratio must be in [0, 1], got {keep_ratio}")
         self.predictor = ScorePredictor(dim)
         self.keep_ratio = keep_ratio
         self.relative = relative

@@ -169,6 +169,10 @@ class FiCoCo(TokenReducer):
 
     def __init__(self, r: int = 42, beta: float = 0.35, quantile: float = 0.998):
         super().__init__()
+        if r < 0:
+            raise ValueError(f"r must be >= 0, got {r}")
+        if not 0 <= quantile <= 1:
+            raise ValueError(f"quantile must be in [0, 1], got {quantile}")
         self.r, self.beta, self.quantile = r, beta, quantile
 
     def _r(self, n: int, prefix: int) -> int:
@@ -182,6 +186,10 @@ class FiCoCo(TokenReducer):
         prefix, r = signals.prefix, self._r(n, signals.prefix)
         if r == 0:
             return identity(x, signals.size)
+        if b == 0:  # an empty batch: nothing to score; the budget's shapes
+            k = self.budget(n, prefix)[0]
+            none = x.new_zeros(0, n, dtype=torch.long)
+            return Reduction(x[:, :k], signals.size[:, :k], none[:, :k], none)
         with torch.no_grad():
             logits = getattr(signals, "attn_logits", None)
             if logits is not None:  # the official scores: head-mean pre-softmax logits
@@ -219,6 +227,10 @@ class FiCoCoL(LLMReducer):
 
     def __init__(self, r: int = 14, g: float = 0.6, a: float = 0.6, quantile: float = 0.998):
         super().__init__()
+        if r < 0:
+            raise ValueError(f"r must be >= 0, got {r}")
+        if not 0 <= quantile <= 1:
+            raise ValueError(f"quantile must be in [0, 1], got {quantile}")
         self.r, self.g, self.a, self.quantile = r, g, a, quantile
 
     def _r(self, n_image: int) -> int:

@@ -131,6 +131,8 @@ class InTI(TokenReducer):
         scales: tuple[int, ...] = (1, 3, 5),
     ):
         super().__init__()
+        if frame_tokens < 0:
+            raise ValueError(f"frame_tokens must be >= 0, got {frame_tokens}")
         self.frame_tokens = frame_tokens
         self.predictor = ContextPredictor(dim, hidden, scales)
 
@@ -149,6 +151,10 @@ class InTI(TokenReducer):
         t = self._frames(n, prefix)
         if t < 2:
             return identity(x, signals.size)
+        if b == 0:  # an empty batch: nothing to score; the budget's shapes
+            k = self.budget(n, prefix)[0]
+            none = x.new_zeros(0, n, dtype=torch.long)
+            return Reduction(x[:, :k], signals.size[:, :k], none[:, :k], none)
         fused_len = t // 2 * 2 * p  # tokens that find a partner; the rest is the tail
         frames = x[:, prefix : prefix + t * p].reshape(b, t, p, c)  # 'b (t p) c -> b t p c'
         weights = pair_weights(self.predictor(frames))  # [B, T // 2, 2, P]

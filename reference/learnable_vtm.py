@@ -143,6 +143,14 @@ class LearnableVTM(TokenReducer):
         window_frames: int = 0,
     ):
         super().__init__()
+        if not 0 <= ratio <= 1:
+            raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+        if gamma < 1:
+            raise ValueError(f"gamma must be >= 1, got {gamma}")
+        if frame_tokens < 0:
+            raise ValueError(f"frame_tokens must be >= 0, got {frame_tokens}")
+        if window_frames < 0:
+            raise ValueError(f"window_frames must be >= 0, got {window_frames}")
         self.gamma, self.ratio = gamma, ratio
         self.frame_tokens, self.window_frames = frame_tokens, window_frames
         self.saliency = nn.Linear(dim, 1)  # saliency head of the main path
@@ -169,6 +177,10 @@ class LearnableVTM(TokenReducer):
         windows, length, num_targets, r = self._plan(n, prefix)
         if windows == 0 or r == 0:
             return identity(x, signals.size)
+        if b == 0:  # an empty batch: nothing to score; the budget's shapes
+            k = self.budget(n, prefix)[0]
+            none = x.new_zeros(0, n, dtype=torch.long)
+            return Reduction(x[:, :k], signals.size[:, :k], none[:, :k], none)
         saliency = self.saliency(x)[..., 0].sigmoid()  # [B, N]
         if self.training:
             # Auxiliary path (training only): saliency-guided attention; prefix keys

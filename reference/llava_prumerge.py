@@ -66,9 +66,10 @@ from reference.registry import register
 
 def iqr_outliers(score: Tensor) -> Tensor:
     """``[B, M]`` True where a score lies above ``Q3 + 1.5 IQR`` of its own row."""
-    q = torch.quantile(score.float(), torch.tensor([0.25, 0.75], device=score.device), dim=1)
+    score = score if score.dtype == torch.float64 else score.float()  # quantile: fp32/64 only
+    q = torch.quantile(score, score.new_tensor([0.25, 0.75]), dim=1)
     upper = q[1] + 1.5 * (q[1] - q[0])  # [B]
-    return score.float() > upper[:, None]
+    return score > upper[:, None]
 
 
 def descending_rank(score: Tensor) -> Tensor:
@@ -233,6 +234,8 @@ class LLaVAPruMerge(TokenReducer):
 
     def budget(self, n: int, prefix: int) -> tuple[int, int]:
         m = n - prefix
+        if m <= 1:  # nothing to select (forward returns the identity)
+            return n, n
         if self.keep_ratio is not None:
             k = self._fixed(m)
             if k >= m:
@@ -251,6 +254,10 @@ class LLaVAPruMerge(TokenReducer):
         m = x.shape[1] - signals.prefix
         if m <= 1 or (self.keep_ratio is not None and self._fixed(m) >= m):
             return identity(x, signals.size)
+        if x.shape[0] == 0:  # an empty batch: nothing to score; the budget's shapes
+            k = self.budget(x.shape[1], signals.prefix)[0]
+            none = x.new_zeros(0, x.shape[1], dtype=torch.long)
+            return Reduction(x[:, :k], signals.size[:, :k], none[:, :k], none)
         cls_attn, keys = signals.cls_attn, signals.keys
         q, k = getattr(signals, "next_q", None), getattr(signals, "next_k", None)
         if self.signals == "next" and q is not None and k is not None:

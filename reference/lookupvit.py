@@ -121,6 +121,8 @@ class LookupViT(TokenReducer):
 
     def __init__(self, side: int = 7, dim: int = 768, heads: int = 12):
         super().__init__()
+        if side < 0:
+            raise ValueError(f"side must be >= 0, got {side}")
         if dim % heads:
             raise ValueError("dim must be divisible by heads")
         self.side, self.heads = side, heads
@@ -152,6 +154,10 @@ class LookupViT(TokenReducer):
         prefix = signals.prefix
         if not self._active(n, prefix):
             return identity(x, signals.size)
+        if b == 0:  # an empty batch: nothing to score; the budget's shapes
+            k = self.budget(n, prefix)[0]
+            none = x.new_zeros(0, n, dtype=torch.long)
+            return Reduction(x[:, :k], signals.size[:, :k], none[:, :k], none)
         compressed, _ = self.gather(x[:, prefix:])
         m = compressed.shape[1]
         dev = x.device

@@ -128,6 +128,12 @@ class MustDropVision(TokenReducer):
 
     def __init__(self, window: int = 3, merge: int = 16, key_rate: float = 0.08):
         super().__init__()
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        if merge < 0:
+            raise ValueError(f"merge must be >= 0, got {merge}")
+        if not 0 <= key_rate <= 1:
+            raise ValueError(f"key_rate must be in [0, 1], got {key_rate}")
         self.window, self.merge, self.key_rate = window, merge, key_rate
 
     def budget(self, n: int, prefix: int) -> tuple[int, int]:

@@ -140,6 +140,10 @@ class PatchSlimming(TokenReducer):
         prefix = signals.prefix
         if self.positions is None:
             return identity(x, signals.size)
+        if b == 0:  # an empty batch: nothing to score; the budget's shapes
+            k = self.budget(n, prefix)[0]
+            none = x.new_zeros(0, n, dtype=torch.long)
+            return Reduction(x[:, :k], signals.size[:, :k], none[:, :k], none)
         pos = signals.state.get(POS_KEY)
         if pos is None or pos.shape != (b, n):
             pos = torch.arange(n, device=x.device).expand(b, n)

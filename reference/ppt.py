@@ -129,6 +129,8 @@ class PPT(TokenReducer):
         """``threshold``: the official DeiT-S setting for 196 image tokens (``eval.sh``);
         ``spatial_order``: pruned tokens in input order instead of score order."""
         super().__init__()
+        if r < 0:
+            raise ValueError(f"r must be >= 0, got {r}")
         self.r = r
         self.threshold = threshold
         self.spatial_order = spatial_order

@@ -106,6 +106,8 @@ class PYRA(TokenReducer):
 
     def __init__(self, dim: int, r: int = 0):
         super().__init__()
+        if r < 0:
+            raise ValueError(f"r must be >= 0, got {r}")
         self.r = r
         # Official init: a ~ kaiming_uniform(sqrt(5)), b = 0, so training starts at ToMe.
         self.a = nn.Parameter(torch.empty(max(r, 1), 1))  # [r, 1] pair weights

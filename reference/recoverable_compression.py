@@ -238,6 +238,12 @@ class RecoverableCompression(TokenReducer):
         text = signals.state.get("text")
         if text is None:
             text = x[:, :1]  # no question given: the CLS token is the query
+        if x.shape[1] == signals.prefix:  # no patch to select
+            return identity(x, signals.size)
+        if x.shape[0] == 0:  # an empty batch: nothing to score; the budget's shapes
+            k = self.budget(x.shape[1], signals.prefix)[0]
+            none = x.new_zeros(0, x.shape[1], dtype=torch.long)
+            return Reduction(x[:, :k], signals.size[:, :k], none[:, :k], none)
         return recoverable_compression(
             x,
             signals.size,

@@ -146,6 +146,12 @@ class RLT(TokenReducer):
         dim: int = 768,
     ):
         super().__init__()
+        if not 0 < max_keep <= 1:
+            raise ValueError(f"max_keep must be in (0, 1], got {max_keep}")
+        if frame_tokens < 0:
+            raise ValueError(f"frame_tokens must be >= 0, got {frame_tokens}")
+        if length_frames < 0:
+            raise ValueError(f"length_frames must be >= 0, got {length_frames}")
         self.frame_tokens = frame_tokens
         self.threshold = threshold
         self.max_keep = max_keep
@@ -171,6 +177,10 @@ class RLT(TokenReducer):
         t = self._frames(n, prefix)
         if t < 2:
             return identity(x, signals.size)
+        if b == 0:  # an empty batch: nothing to score; the budget's shapes
+            k = self.budget(n, prefix)[0]
+            none = x.new_zeros(0, n, dtype=torch.long)
+            return Reduction(x[:, :k], signals.size[:, :k], none[:, :k], none)
         body = slice(prefix, prefix + t * p)
         frames = x[:, body].reshape(b, t, p, c)  # 'b (t p) c -> b t p c'
         keep = static_keep(frame_differences(frames), self.threshold, self.max_keep)  # [B, T, P]

@@ -76,8 +76,9 @@ def information_density(keys: Tensor, threshold: float, limit: int) -> Tensor:
 
 def iqr_outliers(score: Tensor) -> Tensor:
     """``[B, M]`` True where ``score`` exceeds ``Q3 + 1.5 IQR`` of its row (Sec. 3.2)."""
-    q1, q3 = torch.quantile(score.float(), torch.tensor([0.25, 0.75], device=score.device), dim=1)
-    return score.float() > (q3 + 1.5 * (q3 - q1))[:, None]
+    score = score if score.dtype == torch.float64 else score.float()  # quantile: fp32/64 only
+    q1, q3 = torch.quantile(score, score.new_tensor([0.25, 0.75]), dim=1)
+    return score > (q3 + 1.5 * (q3 - q1))[:, None]
 
 
 def select(counts: Tensor, outliers: Tensor, local: Tensor, sample: bool, seed: int) -> Tensor:
@@ -126,6 +127,8 @@ class TokenCorrCompression(TokenReducer):
         super().__init__()
         if not 0 < max_keep <= 1:
             raise ValueError(f"max_keep must be in (0, 1], got {max_keep}")
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
         self.threshold, self.limit = threshold, limit
         self.sample, self.seed, self.max_keep = sample, seed, max_keep
 
@@ -133,11 +136,19 @@ class TokenCorrCompression(TokenReducer):
         return max(1, math.floor(self.max_keep * m))
 
     def budget(self, n: int, prefix: int) -> tuple[int, int]:
+        if n == prefix:
+            return n, n
         return prefix + 1, prefix + self.cap(n - prefix)
 
     def forward(self, x: Tensor, signals: Signals) -> Reduction:
         prefix = signals.prefix
         m = x.shape[1] - prefix
+        if m == 0:  # no patch to select
+            return identity(x, signals.size)
+        if x.shape[0] == 0:  # an empty batch: nothing to score; the budget's shapes
+            k = self.budget(x.shape[1], prefix)[0]
+            none = x.new_zeros(0, x.shape[1], dtype=torch.long)
+            return Reduction(x[:, :k], signals.size[:, :k], none[:, :k], none)
         with torch.no_grad():
             density = information_density(signals.keys[:, prefix:], self.threshold, self.limit)
             counts = (density * m - 1e-4).ceil().long().clamp(1, self.cap(m))  # [B]

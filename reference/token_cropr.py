@@ -97,6 +97,8 @@ class TokenCropr(TokenReducer):
     ):
         super().__init__()
         assert dim % num_heads == 0, "dim must be divisible by num_heads"
+        if r < 0:
+            raise ValueError(f"r must be >= 0, got {r}")
         self.r, self.num_heads, self.fuse_last = r, num_heads, fuse_last
         self.scale = (dim // num_heads) ** -0.5
         self.queries = nn.Parameter(torch.randn(num_queries, dim) * dim**-0.5)

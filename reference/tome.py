@@ -131,6 +131,8 @@ class ToMe(TokenReducer):
 
     def __init__(self, r: int = 0, always_sort: bool = False):
         super().__init__()
+        if r < 0:
+            raise ValueError(f"r must be >= 0, got {r}")
         self.r = r
         self.always_sort = always_sort  # False: sort only with a prefix token (official)
 

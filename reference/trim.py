@@ -64,7 +64,8 @@ def text_scores(patches: Tensor, text: Tensor, negate: bool = True) -> Tensor:
 
 def iqr_outliers(score: Tensor) -> Tensor:
     """``[B, M]`` True where ``score > Q3 + 1.5 * (Q3 - Q1)`` of its own row."""
-    q = torch.quantile(score, torch.tensor([0.25, 0.75], device=score.device), dim=1)  # [2, B]
+    score = score if score.dtype == torch.float64 else score.float()  # quantile: fp32/64 only
+    q = torch.quantile(score, score.new_tensor([0.25, 0.75]), dim=1)  # [2, B]
     upper = q[1] + 1.5 * (q[1] - q[0])  # [B]
     return score > upper.unsqueeze(1)
 
@@ -185,4 +186,10 @@ class TRIM(TokenReducer):
         text = signals.state.get("text")
         if text is None:
             text = x[:, :1]  # no question given: the CLS token is the query
+        if x.shape[1] == signals.prefix:  # no patch to select
+            return identity(x, signals.size)
+        if x.shape[0] == 0:  # an empty batch: nothing to score; the budget's shapes
+            k = self.budget(x.shape[1], signals.prefix)[0]
+            none = x.new_zeros(0, x.shape[1], dtype=torch.long)
+            return Reduction(x[:, :k], signals.size[:, :k], none[:, :k], none)
         return trim_reduce(x, signals.size, text, signals.prefix, self.ratio, self.negate)

@@ -142,8 +142,10 @@ class VisionZip(TokenReducer):
 
     def __init__(self, dominant: int = 10**6, contextual: int = 0):
         super().__init__()
-        if dominant < 0 or contextual < 0:
-            raise ValueError(f"counts must be >= 0, got {dominant}, {contextual}")
+        if dominant < 0:
+            raise ValueError(f"dominant must be >= 0, got {dominant}")
+        if contextual < 0:
+            raise ValueError(f"contextual must be >= 0, got {contextual}")
         self.dominant = dominant
         self.contextual = contextual
 

@@ -90,6 +90,8 @@ class ViTSlim(TokenReducer):
 
     def __init__(self, num_tokens: int, keep: float = 1.0):
         super().__init__()
+        if not 0 <= keep <= 1:
+            raise ValueError(f"keep must be in [0, 1], got {keep}")
         self.keep = keep
         self.zeta = nn.Parameter(torch.full((num_tokens,), 3.0))
         self.register_buffer("searched", None)  # [num_tokens] bool, set by compress
@@ -106,6 +108,10 @@ class ViTSlim(TokenReducer):
     def forward(self, x: Tensor, signals: Signals) -> Reduction:
         b, n, _ = x.shape
         prefix = signals.prefix
+        if b == 0 and not self.training:  # an empty batch: the budget's shapes
+            k = self.budget(n, prefix)[0]
+            none = x.new_zeros(0, n, dtype=torch.long)
+            return Reduction(x[:, :k], signals.size[:, :k], none[:, :k], none)
         pos = positions(signals, n, b, x.device)
         if self.training:
             mask = self.soft_mask().to(x.dtype)[pos]  # [B, N]

@@ -119,6 +119,10 @@ class VoteAndMix(TokenReducer):
 
     def __init__(self, ratio: float = 0.0, votes: int = 1, tau: float = 0.1):
         super().__init__()
+        if not 0 <= ratio <= 1:
+            raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+        if votes < 1:
+            raise ValueError(f"votes must be >= 1, got {votes}")
         self.ratio, self.votes, self.tau = ratio, votes, tau
 
     def num_mix(self, n: int, prefix: int) -> int:
