@@ -34,7 +34,7 @@ Deviations from the official code:
   after each image's own tokens. With the host's proportional attention (log-size
   bias) empty slots get no attention, like the official masked (-1000 bias) halted
   tokens; without it they are attended. Empty slots count as halted later on.
-  (The padding helper ``keep_padded`` is shared with ``adaptive_sparse_vit``.)
+  (The padding is the shared ``reference.ops.keep_padded``.)
 - ``max_keep`` (default 1.0, i.e. off) caps the running fraction of an image's
   tokens entering a step, halting those with the largest cumulative score first;
   it is not in the paper and only gives ``budget`` an upper bound below ``n``.
@@ -54,8 +54,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from reference.adaptive_sparse_vit import cap_keep, keep_padded
 from reference.core import Reduction, Signals, TokenReducer, identity
+from reference.ops import cap_keep, keep_padded
 from reference.registry import register
 
 

@@ -57,7 +57,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from reference.core import Reduction, Signals, TokenReducer, gather_tokens, identity
+from reference.core import Reduction, Signals, TokenReducer, identity
+from reference.ops import cap_keep, keep_padded
 from reference.registry import register
 
 
@@ -77,46 +78,6 @@ def head_weighted_cls_attention(attn: Tensor, values: Tensor) -> Tensor:
         importance = head_out.norm(dim=-1)  # [B, H, N]
         importance = importance / (importance.sum(dim=1, keepdim=True) + 1e-8)
         return (attn[:, :, 0].float() * importance).sum(dim=1)  # [B, N]
-
-
-def cap_keep(keep: Tensor, priority: Tensor, max_keep: float, present: Tensor) -> Tensor:
-    """``keep [B, M]`` restricted, per image, to ``floor(max_keep * present tokens)``
-    tokens, highest ``priority`` first (``present [B, M]``: not an empty slot)."""
-    if max_keep >= 1:
-        return keep
-    cap = (max_keep * present.sum(dim=1, keepdim=True).double()).floor()  # [B, 1], as int()
-    order = torch.where(keep, priority, -torch.inf).argsort(dim=1, descending=True)
-    rank = order.argsort(dim=1)  # [B, M] position of each token in that order
-    return keep & (rank < cap)
-
-
-def keep_padded(x: Tensor, size: Tensor, prefix: int, keep: Tensor) -> Reduction:
-    """Keep the prefix and, per image, the non-prefix tokens where ``keep [B, M]``.
-
-    Images keep different counts; each is padded to the batch maximum with empty
-    slots (x 0, size 0, index -1, mask 0) placed after its own kept tokens, which
-    stay in their original order.
-    """
-    b, n, _ = x.shape
-    m = n - prefix
-    counts = keep.sum(dim=1)  # [B]
-    k = int(counts.max()) if b else 0
-    ar = torch.arange(m, device=x.device)
-    # Kept tokens sort before dropped ones; within each group the order is spatial.
-    order = torch.where(keep, ar, ar + m).argsort(dim=1)[:, :k] + prefix  # [B, K]
-    valid = torch.arange(k, device=x.device) < counts[:, None]  # [B, K]
-    src = torch.cat([torch.arange(prefix, device=x.device).expand(b, prefix), order], 1)
-    ok = torch.cat([valid.new_ones(b, prefix), valid], dim=1)  # [B, prefix + K]
-    out = gather_tokens(x, src).masked_fill(~ok[..., None], 0)
-    out_size = gather_tokens(size, src).masked_fill(~ok[..., None], 0)
-    # Empty slots write into a spare last column, which is cut off.
-    assign = torch.full((b, n + 1), -1, dtype=torch.long, device=x.device)
-    slots = torch.arange(src.shape[1], device=x.device).expand(b, -1)
-    assign.scatter_(1, torch.where(ok, src, n), slots)
-    mask = None if bool(valid.all()) else ok.to(x.dtype)
-    return Reduction(
-        x=out, size=out_size, index=src.masked_fill(~ok, -1), assign=assign[:, :n], mask=mask
-    )
 
 
 def threshold_mask(score: Tensor, threshold: Tensor, tau: float) -> Tensor:

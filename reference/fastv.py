@@ -39,26 +39,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from reference.core import Reduction, gather_tokens
+from reference.core import Reduction
 from reference.llava import LLMReducer, LLMSignals
+from reference.ops import keep_image_tokens
 from reference.registry import register
-
-
-def keep_image_tokens(
-    h: Tensor, size: Tensor | None, start: int, image_len: int, keep: Tensor
-) -> Reduction:
-    """Keep every non-image token and the image tokens at ``keep [B, K]`` (0-based in the span)."""
-    b, n, _ = h.shape
-    device = h.device
-    before = torch.arange(start, device=device).expand(b, -1)
-    after = torch.arange(start + image_len, n, device=device).expand(b, -1)
-    index = torch.cat([before, start + keep.sort(1).values, after], 1)  # [B, N']
-    assign = torch.full((b, n), -1, dtype=torch.long, device=device)
-    assign.scatter_(1, index, torch.arange(index.shape[1], device=device).expand(b, -1))
-    size = torch.ones(b, n, 1, dtype=h.dtype, device=device) if size is None else size
-    return Reduction(
-        x=gather_tokens(h, index), size=gather_tokens(size, index), index=index, assign=assign
-    )
 
 
 @register

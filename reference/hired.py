@@ -46,14 +46,8 @@ import torch
 from torch import Tensor
 
 from reference.core import Reduction, Signals, TokenReducer, identity, keep_tokens
+from reference.ops import descending_rank
 from reference.registry import register
-
-
-def descending_rank(score: Tensor) -> Tensor:
-    """``[B, M]`` rank of each score in its row, 0 for the largest."""
-    order = score.argsort(dim=1, descending=True)
-    ar = torch.arange(score.shape[1], device=score.device).expand_as(order)
-    return torch.empty_like(order).scatter_(1, order, ar)
 
 
 def tile_ids(m: int, grid: int, device: torch.device) -> Tensor:

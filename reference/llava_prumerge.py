@@ -61,22 +61,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reference.core import Reduction, Signals, TokenReducer, identity
+from reference.ops import descending_rank, iqr_outliers
 from reference.registry import register
-
-
-def iqr_outliers(score: Tensor) -> Tensor:
-    """``[B, M]`` True where a score lies above ``Q3 + 1.5 IQR`` of its own row."""
-    score = score if score.dtype == torch.float64 else score.float()  # quantile: fp32/64 only
-    q = torch.quantile(score, score.new_tensor([0.25, 0.75]), dim=1)
-    upper = q[1] + 1.5 * (q[1] - q[0])  # [B]
-    return score > upper[:, None]
-
-
-def descending_rank(score: Tensor) -> Tensor:
-    """``[B, M]`` rank of each score in its row, 0 for the largest."""
-    order = score.argsort(dim=1, descending=True)
-    ar = torch.arange(score.shape[1], device=score.device).expand_as(order)
-    return torch.empty_like(order).scatter_(1, order, ar)
 
 
 def select_tokens(score: Tensor, keep_ratio: float | None, plus: bool) -> Tensor:

@@ -25,8 +25,9 @@ Deviations from the official code:
 - Pruned outputs are in descending-score order after the prefix, as in the official
   code; ``spatial_order=True`` keeps them in input order instead. The order matters:
   ToMe's bipartite split is positional, so a later pooling step merges differently.
-- All ``prefix`` tokens are protected (official: CLS only); pooling with more than one
-  prefix token follows ``reference.tome`` (prefix kept in front).
+- PPT builds on ToMe: pooling calls ``reference.tome.merge_wavg``. All ``prefix``
+  tokens are protected (official: CLS only); with more than one prefix token the
+  pooling follows ``reference.tome`` (prefix kept in front).
 - The significance score is computed under ``torch.no_grad()`` (it only selects).
 - Nothing is learned; fine-tuning with PPT in place is left to the caller.
 """

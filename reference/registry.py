@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from reference.core import TokenReducer
 
 # Modules of the package that are infrastructure, not papers.
-INFRASTRUCTURE = frozenset({"core", "registry", "vit", "bench"})
+INFRASTRUCTURE = frozenset({"core", "registry", "vit", "llava", "ops", "bench"})
 _REGISTRY: dict[str, type[TokenReducer]] = {}
 
 

@@ -39,7 +39,7 @@ Deviations from the official code:
   block-diagonal attention mask (xformers). The host has none, so each clip keeps
   exactly its own tokens, in order, and the batch is padded to the largest count
   with empty slots (x 0, size 0, index -1, ``Reduction.mask`` 0; shared helper
-  ``adaptive_sparse_vit.keep_padded``); with the host's proportional attention
+  ``reference.ops.keep_padded``); with the host's proportional attention
   they get no attention.
 - ``max_keep`` (default 1.0, i.e. off) is not in the paper: it caps the kept
   fraction of the tokens after the first frame (largest differences first), only
@@ -61,8 +61,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from reference.adaptive_sparse_vit import keep_padded
 from reference.core import Reduction, Signals, TokenReducer, identity
+from reference.ops import keep_padded
 from reference.registry import register
 
 

@@ -34,10 +34,10 @@ Deviations from the paper:
   not in the paper and gives ``budget`` an upper bound below ``n``.
 - Batches: each image (one sub-image) keeps its own count; the batch is padded to
   the largest count with empty slots (x 0, size 0, index -1, ``Reduction.mask``
-  0) after each image's own tokens (``keep_padded``). The official integration in
-  mPLUG-DocOwl1.5 (cropping, the global thumbnail, the H-Reducer that follows)
-  is not modelled; on the LLaVA host the language model sees empty slots as
-  (projected zero) image tokens.
+  0) after each image's own tokens (``reference.ops.keep_padded``). The official
+  integration in mPLUG-DocOwl1.5 (cropping, the global thumbnail, the H-Reducer
+  that follows) is not modelled; on the LLaVA host the language model sees empty
+  slots as (projected zero) image tokens.
 - Prefix tokens (CLS) are kept and excluded from every statistic.
 """
 
@@ -50,8 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from reference.adaptive_sparse_vit import keep_padded
 from reference.core import Reduction, Signals, TokenReducer, identity
+from reference.ops import iqr_outliers, keep_padded
 from reference.registry import register
 
 
@@ -72,13 +72,6 @@ def information_density(keys: Tensor, threshold: float, limit: int) -> Tensor:
         eye = torch.eye(sim.shape[-1], dtype=torch.bool, device=sim.device)
         partners = ((sim > threshold) & ~eye).sum(dim=-1)  # [B, M]
         return 1 - (partners > limit).float().mean(dim=-1)
-
-
-def iqr_outliers(score: Tensor) -> Tensor:
-    """``[B, M]`` True where ``score`` exceeds ``Q3 + 1.5 IQR`` of its row (Sec. 3.2)."""
-    score = score if score.dtype == torch.float64 else score.float()  # quantile: fp32/64 only
-    q1, q3 = torch.quantile(score, score.new_tensor([0.25, 0.75]), dim=1)
-    return score > (q3 + 1.5 * (q3 - q1))[:, None]
 
 
 def select(counts: Tensor, outliers: Tensor, local: Tensor, sample: bool, seed: int) -> Tensor:

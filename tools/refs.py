@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from tools.loader import Entry
 
 # Modules of the reference package that serve every method (contract, registry, hosts).
-INFRASTRUCTURE = frozenset({"__init__", "core", "registry", "vit", "llava", "bench"})
+INFRASTRUCTURE = frozenset({"__init__", "core", "registry", "vit", "llava", "bench", "ops"})
 
 
 def declared_ids(path: Path) -> list[tuple[str, int]]:
