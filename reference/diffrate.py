@@ -191,9 +191,15 @@ class DiffRate(TokenReducer):
         merge_kept: int | None = None, granularity: int = 1, similarity_size: bool = False,
     ):  # fmt: skip
         super().__init__()
-        for count in (prune_kept, merge_kept):
-            if count is not None and count < 1:
-                raise ValueError(f"kept counts must be at least 1, got {count}")
+        if patch_number < 1:
+            raise ValueError(f"patch_number must be >= 1, got {patch_number}")
+        if granularity < 1:
+            raise ValueError(f"granularity must be >= 1, got {granularity}")
+        for name, count in (("prune_kept", prune_kept), ("merge_kept", merge_kept)):
+            if count is not None and not 1 <= count <= patch_number:
+                raise ValueError(
+                    f"{name} must be in [1, patch_number={patch_number}] or None, got {count}"
+                )
         # Integer buffer, so that ``.to(bfloat16)`` cannot round the counts.
         cands = torch.arange(patch_number, 0, -granularity)  # [K]
         self.register_buffer("candidates", cands, persistent=False)

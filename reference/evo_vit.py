@@ -115,6 +115,10 @@ class EvoViT(TokenReducer):
 
     def __init__(self, keep_rate: float = 1.0, alpha: float = 0.5, representative: bool = True):
         super().__init__()
+        if not 0 < keep_rate <= 1:
+            raise ValueError(f"keep_rate must be in (0, 1], got {keep_rate}")
+        if not 0 <= alpha <= 1:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         self.keep_rate = keep_rate
         self.alpha = alpha
         self.representative = representative

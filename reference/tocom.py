@@ -34,9 +34,15 @@ Deviations from the official code:
   degree 1 at the end of its width (reverse the chunks to load its weights).
 - The query-path delta (``s * Delta_q``, which reshapes the attention map) is
   left out: it needs per-head queries and keys, which the host does not expose.
-- The compensation is part of the attention output, so it also changes the
-  prefix (CLS) tokens, as in the official code; the merge then keeps them.
-  With the official zero initialisation of the up-projection it is zero.
+- Prefix (CLS) tokens: in the official code the compensation is part of the
+  attention output, so it changes them too. Here they are protected, as the
+  contract requires (``reference.core``): only the other tokens are compensated
+  (they still mix the prefix tokens' values), so the prefix tokens come out unchanged
+  whatever the signals, and a NaN in a sample's signals never reaches its CLS.
+  ``compensate_prefix=True`` compensates them as the official code does. With the
+  official zero initialisation of the up-projection the compensation is zero.
+- Degrees outside ``[0, max_r]`` raise a ValueError (the official mask has one
+  chunk per degree up to 16 and fails to reshape for the others).
 - Left out: the pre-training recipe (random ``(r_tgt, r_src)`` pairs per step in
   0..16, soft distillation from a ToMe teacher at ``r_src``, 10 epochs), and the
   search of the scale ``s`` at evaluation. ``r_src``/``r_tgt`` are plain
@@ -77,10 +83,11 @@ def compensate(
     scale: float,
     dropout: nn.Module | None = None,
 ) -> Tensor:
-    """Add the value-path compensation to ``x [B, N, C]`` after attention.
+    """Add the value-path compensation to ``x [B, Q, C]`` after attention.
 
     Args:
-        attn: ``[B, H, N, N]`` attention probabilities of the block.
+        x: ``[B, Q, C]`` the tokens to compensate: all ``N`` tokens, or the last ``Q``.
+        attn: ``[B, H, Q, N]`` the attention rows of those tokens (probabilities).
         values: ``[B, H, N, D]`` attention values.
         down: ``[R, C]`` down-projection of the concatenated values.
         up: ``[H, R, C]`` per-head up-projection, output projection folded in.
@@ -91,7 +98,7 @@ def compensate(
     if dropout is not None:
         y = dropout(y)
     y = y * mask.to(y.dtype)
-    mixed = attn @ y[:, None]  # [B, H, N, R]: the attention mixes Delta_v like v
+    mixed = attn @ y[:, None]  # [B, H, Q, R]: the attention mixes Delta_v like v
     return x + scale * torch.einsum("bhnr,hrc->bnc", mixed, up)
 
 
@@ -119,9 +126,20 @@ class ToCom(TokenReducer):
         max_r: int = 16,
         scale: float = 0.1,
         dropout: float = 0.1,
+        compensate_prefix: bool = False,
     ):
+        """``r_src``/``r_tgt``: merging degrees in ``[0, max_r]``; ``compensate_prefix``:
+        also compensate the prefix tokens (official; breaks the prefix protection)."""
         super().__init__()
+        if max_r < 1:
+            raise ValueError(f"max_r must be >= 1, got {max_r}")
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        for name, value in (("r_src", r_src), ("r_tgt", r_tgt)):
+            if not 0 <= value <= max_r:
+                raise ValueError(f"{name} must be in [0, max_r={max_r}], got {value}")
         self.r_src, self.r_tgt = r_src, r_tgt
+        self.compensate_prefix = compensate_prefix
         self.rank, self.max_r, self.scale = rank, max_r, scale
         width = rank * max_r  # official: tocom_dim = 2 * 16
         self.down = nn.Parameter(torch.empty(width, dim))  # [R, C]
@@ -136,9 +154,10 @@ class ToCom(TokenReducer):
     def forward(self, x: Tensor, signals: Signals) -> Reduction:
         if self.r_src != self.r_tgt:  # official: no delta when the degrees agree
             mask = degree_mask(self.rank, self.max_r, self.r_src, self.r_tgt, x.device)
-            x = compensate(
-                x,
-                signals.attn,
+            p = 0 if self.compensate_prefix else signals.prefix  # rows left as they are
+            comp = compensate(
+                x[:, p:],
+                signals.attn[:, :, p:],
                 signals.values,
                 self.down,
                 self.up,
@@ -146,4 +165,5 @@ class ToCom(TokenReducer):
                 self.scale,
                 self.dropout if self.training else None,
             )
+            x = torch.cat([x[:, :p], comp], 1)
         return merge_wavg(x, signals.size, self.r_tgt, signals.prefix, signals.keys)

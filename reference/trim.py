@@ -30,7 +30,8 @@ Deviations from the official code:
   into one IQR (one count for all images). Here every image gets its own count;
   the batch is padded to the largest count with that image's best-scoring
   dropped patches after its aggregated token (``Reduction.mask`` 0 marks them;
-  the host has no mask for padding). A batch of equal counts has no filler.
+  their ``index`` is -1, since each of those patches went into the aggregated
+  token). A batch of equal counts has no filler.
 - The kept count is the number of outliers itself (the official code rounds
   ``int(N * count / N)``, which float error can lower by one). With every patch
   kept there is no aggregated token (the official code would index past the end).
@@ -47,6 +48,7 @@ import torch
 from torch import Tensor
 
 from reference.core import Reduction, Signals, TokenReducer, gather_tokens, identity
+from reference.ops import iqr_outliers
 from reference.registry import register
 
 
@@ -60,14 +62,6 @@ def text_scores(patches: Tensor, text: Tensor, negate: bool = True) -> Tensor:
     query = text.float().mean(dim=1)  # [B, C]
     sim = (patches.float() @ query.unsqueeze(-1)).squeeze(-1)  # [B, M]
     return (-sim if negate else sim).softmax(dim=-1)
-
-
-def iqr_outliers(score: Tensor) -> Tensor:
-    """``[B, M]`` True where ``score > Q3 + 1.5 * (Q3 - Q1)`` of its own row."""
-    score = score if score.dtype == torch.float64 else score.float()  # quantile: fp32/64 only
-    q = torch.quantile(score, score.new_tensor([0.25, 0.75]), dim=1)  # [2, B]
-    upper = q[1] + 1.5 * (q[1] - q[0])  # [B]
-    return score > upper.unsqueeze(1)
 
 
 def trim_reduce(
@@ -85,7 +79,8 @@ def trim_reduce(
 
     Returns:
         A ``Reduction``: prefix, kept patches in spatial order, the aggregated token
-        (``index == -1``), then filler patches (``mask`` 0) up to the batch maximum.
+        (``index == -1``), then filler patches (``mask`` 0, ``index == -1``: each
+        copies a patch that went into the aggregated token) up to the batch maximum.
     """
     b, n, _ = x.shape
     m = n - prefix
@@ -114,6 +109,7 @@ def trim_reduce(
         real_count = count + has_agg.long()
         width = int(real_count.max())
         sel = sel[:, :width]  # [B, W] bank entries in output order
+        real = torch.arange(width, device=device) < real_count.unsqueeze(1)  # [B, W]
 
     # The aggregated token: the plain mean of the patches that were not kept.
     dropped = (~kept).unsqueeze(-1)  # [B, M, 1]
@@ -124,7 +120,9 @@ def trim_reduce(
     bank_size = torch.cat([size[:, prefix:], agg_size], 1)
 
     pre = torch.arange(prefix, device=device).expand(b, prefix)
-    index = torch.cat([pre, torch.where(sel == m, -1, sel + prefix)], 1)  # [B, prefix + W]
+    # A filler continues no input token: the patch it copies went into the aggregated token.
+    created = (sel == m) | ~real
+    index = torch.cat([pre, torch.where(created, -1, sel + prefix)], 1)  # [B, prefix + W]
     slots = torch.arange(index.shape[1], device=device).expand(b, -1)
     assign = torch.full((b, n + 1), -1, dtype=torch.long, device=device)
     assign.scatter_(1, torch.where(index < 0, n, index), slots)  # column n absorbs the -1s
@@ -135,7 +133,6 @@ def trim_reduce(
 
     mask = None
     if bool((real_count < width).any()):
-        real = torch.arange(width, device=device) < real_count.unsqueeze(1)  # [B, W]
         mask = torch.cat([torch.ones_like(pre, dtype=torch.bool), real], 1).to(x.dtype)
     return Reduction(
         x=torch.cat([x[:, :prefix], gather_tokens(bank, sel)], 1),

@@ -71,6 +71,7 @@ REQUIRED = {
     "learnable_vtm": {"dim": C},
     "lookupvit": {"dim": C, "heads": 4},
     "pyra": {"dim": C},
+    "tocom": {"dim": C, "num_heads": 4},
     "token_cropr": {"dim": C},
     "tps": {"dim": C},
     "vit_slim": {"num_tokens": 17},
@@ -84,11 +85,21 @@ INVALID = [
     ("ats", {"k": 0}, "k"),
     ("catp", {"downsample": 0}, "downsample"),
     ("crossget", {"r": -1}, "r"),
+    ("diffrate", {"patch_number": 16, "prune_kept": 20}, "prune_kept"),
+    ("diffrate", {"patch_number": 16, "prune_kept": 0}, "prune_kept"),
+    ("diffrate", {"patch_number": 16, "merge_kept": 17}, "merge_kept"),
+    ("diffrate", {"patch_number": 16, "merge_kept": -1}, "merge_kept"),
+    ("diffrate", {"patch_number": 0}, "patch_number"),
+    ("diffrate", {"granularity": 0}, "granularity"),
     ("dycoke", {"ratio": 1.5}, "ratio"),
     ("dycoke", {"frame_tokens": -1}, "frame_tokens"),
     ("dynamicvit", {"keep_ratio": -0.1}, "keep_ratio"),
     ("dynamicvit", {"keep_ratio": 1.5}, "keep_ratio"),
     ("evit", {"keep_rate": 1.5}, "keep_rate"),
+    ("evo_vit", {"keep_rate": 1.5}, "keep_rate"),
+    ("evo_vit", {"keep_rate": 0.0}, "keep_rate"),
+    ("evo_vit", {"keep_rate": -0.5}, "keep_rate"),
+    ("evo_vit", {"alpha": 1.5}, "alpha"),
     ("fastervlm", {"tokens": -1}, "tokens"),
     ("fastv", {"ratio": -0.1}, "ratio"),
     ("fastv", {"ratio": 1.5}, "ratio"),
@@ -108,6 +119,11 @@ INVALID = [
     ("rlt", {"max_keep": -0.5}, "max_keep"),
     ("rlt", {"frame_tokens": -1}, "frame_tokens"),
     ("token_corr_compression", {"max_keep": 1.5}, "max_keep"),
+    ("tocom", {"r_src": -1}, "r_src"),
+    ("tocom", {"r_tgt": -1}, "r_tgt"),
+    ("tocom", {"r_tgt": 17}, "r_tgt"),
+    ("tocom", {"max_r": 0}, "max_r"),
+    ("tocom", {"rank": 0}, "rank"),
     ("token_cropr", {"r": -1}, "r"),
     ("tome", {"r": -1}, "r"),
     ("tps", {"keep_rate": 1.5}, "keep_rate"),
@@ -122,7 +138,7 @@ INVALID = [
 ]
 # Methods without a budget argument to check, and those whose checks are still open.
 NO_BUDGET_ARGUMENT = {"patch_slimming"}  # explicit positions: out-of-range ones are ignored
-NOT_YET_CHECKED = {"diffrate", "evo_vit", "tocom"}
+NOT_YET_CHECKED: set[str] = set()
 
 
 @pytest.mark.parametrize(

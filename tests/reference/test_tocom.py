@@ -85,8 +85,9 @@ def test_other_degrees_compensate_then_merge_with_unchanged_matching():
     ref = merge_wavg(x, signals.size, 4, 1, signals.keys)
     assert torch.equal(out.index, ref.index) and torch.equal(out.assign, ref.assign)
     mask = degree_mask(2, 16, 2, 4)
+    compensated = compensate(x, signals.attn, signals.values, method.down, method.up, mask, 0.1)
     expected = merge_wavg(
-        compensate(x, signals.attn, signals.values, method.down, method.up, mask, 0.1),
+        torch.cat([x[:, :1], compensated[:, 1:]], 1),  # the CLS token is protected
         signals.size,
         4,
         1,
@@ -109,3 +110,36 @@ def test_dropout_only_in_training():
     torch.testing.assert_close(method(x, signals).x, method(x, signals).x)
     method.train()
     assert not torch.allclose(method(x, signals).x, method(x, signals).x)
+
+
+def test_compensate_prefix_compensates_the_cls_token_as_the_official_code():
+    x = tokens()
+    signals = make_signals(x)
+    method = _trained(r_src=2, r_tgt=4, compensate_prefix=True)
+    mask = degree_mask(2, 16, 2, 4)
+    compensated = compensate(x, signals.attn, signals.values, method.down, method.up, mask, 0.1)
+    expected = merge_wavg(compensated, signals.size, 4, 1, signals.keys)
+    torch.testing.assert_close(method(x, signals).x, expected.x)
+    assert not torch.allclose(expected.x[:, 0], x[:, 0])
+
+
+@pytest.mark.parametrize("prefix", [1, 2])
+def test_nan_in_one_samples_signals_never_reaches_a_prefix_token(prefix):
+    x = tokens()
+    b = x.shape[0]
+    signals = make_signals(x, prefix)
+    clean = make_signals(x, prefix)
+    for name in ("attn", "values", "keys"):
+        getattr(signals, name)[1] = torch.nan  # sample 1's signals only
+    method = _trained(r_src=2, r_tgt=4)
+    out = method(x, signals)
+    assert torch.equal(out.x[:, :prefix], x[:, :prefix])  # every sample's prefix
+    assert not torch.isfinite(out.x[1]).all()  # the NaN does reach sample 1's other tokens
+    others = [i for i in range(b) if i != 1]
+    sub = make_signals(x[others], prefix)
+    for name in ("attn", "values", "keys", "size"):
+        setattr(sub, name, getattr(clean, name)[others])
+    alone = method(x[others], sub)
+    torch.testing.assert_close(out.x[others], alone.x, rtol=0, atol=0)
+    assert torch.equal(out.index[others], alone.index)
+    assert torch.equal(out.assign[others], alone.assign)

@@ -88,8 +88,45 @@ def test_uneven_counts_are_padded_after_each_image_own_tokens():
         assert (out.mask[i, : 1 + counts[i]] == 1).all() and (
             out.mask[i, 1 + counts[i] :] == 0
         ).all()
-        fillers = out.index[i, 1 + counts[i] :]
-        assert (fillers > 0).all() and (out.assign[i, fillers] == counts[i]).all()
+        # A filler copies a patch that went into the aggregated token: it continues none.
+        assert (out.index[i, 1 + counts[i] :] == -1).all()
+
+
+def test_index_and_assign_agree_on_every_token():
+    """index[j] = i implies assign[i] = j; every other patch went into the mean token."""
+    checked_fillers = 0
+    for seed, prefix, m, ratio in [
+        (0, 1, N - 1, None),
+        (1, 2, 11, None),
+        (2, 0, 17, None),
+        (3, 1, 9, 0.25),
+        (4, 1, 9, 0.0),
+        (5, 0, 1, None),
+    ]:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(3, prefix + m, 8, generator=g)
+        signals = make_signals(x, prefix)
+        out = TRIM(ratio=ratio)(x, signals)
+        k = out.num_tokens
+        for i in range(3):
+            index, assign = out.index[i].tolist(), out.assign[i].tolist()
+            for j, src in enumerate(index):
+                if src >= 0:
+                    assert assign[src] == j
+            agg = [j for j in range(prefix, k) if index[j] == -1]
+            real = k if out.mask is None else int(out.mask[i].sum())
+            checked_fillers += k - real
+            agg = [j for j in agg if j < real]  # fillers (mask 0) come after it
+            assert len(agg) <= 1
+            continued = {src for src in index if src >= 0}
+            merged = [src for src in range(prefix + m) if src not in continued]
+            assert (len(agg) == 1) == bool(merged)
+            for src in merged:  # not kept: it went into the aggregated token
+                assert assign[src] == agg[0]
+            if merged:
+                torch.testing.assert_close(out.x[i, agg[0]], x[i, merged].mean(0))
+                assert out.size[i, agg[0], 0] == signals.size[i, merged, 0].sum()
+    assert checked_fillers > 0
 
 
 def test_without_text_the_cls_token_is_the_query():
