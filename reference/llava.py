@@ -13,13 +13,19 @@ Hooks:
   of these features (PruMerge; None when the selected layer is the last block).
 - ``llm[layer]``: an ``LLMReducer`` applied to the hidden states after decoder
   layer ``layer`` during prefill, with the attention of each sample's last
-  instruction token to every key of that layer (FastV, PyramidDrop). Only rows
-  that are needed are computed: attention itself runs through
-  ``scaled_dot_product_attention``.
+  instruction token to every key of that layer (FastV), and, for a reducer that
+  names it in ``needs``, the row the next layer would compute from these hidden
+  states (its input norm, q/k projections and RoPE at the current positions;
+  PyramidDrop). Only rows that are needed are computed: attention itself runs
+  through ``scaled_dot_product_attention``.
 
-Dropped tokens keep nothing; kept tokens keep their original position ids, so
-RoPE positions stay correct, and decoding continues at ``max(position) + 1``.
-Each decoder layer caches the keys and values of the tokens it saw.
+Dropped tokens keep nothing. By default kept tokens keep their original position
+ids, and decoding continues at ``max(position) + 1``. A reducer whose ``renumber``
+is True (or every reducer, with ``apply(renumber=True)``) renumbers the valid
+tokens ``0..n-1`` after its drop, as the official PyramidDrop and MustDrop code
+does; each later layer then decodes at its own sequence's length (the prompt's
+full length less the tokens dropped before that layer). Each decoder layer
+caches the keys and values of the tokens it saw.
 """
 
 from __future__ import annotations
@@ -81,8 +87,12 @@ class LLMSignals:
         image_len: number of image tokens now in the sequence.
         valid: ``[B, N]`` False for padding.
         last_attn: ``[B, H, N]`` attention of each sample's last valid token.
+        next_attn: ``[B, H, N]`` the same row as the next decoder layer would
+            compute it from these hidden states, before any drop
+            (``needs = {"next_attn"}`` only; None after the last layer).
         attn: ``[B, H, N, N]`` full attention maps (``needs = {"attn"}`` only).
         layer: index of the decoder layer that just ran.
+        positions: ``[B, N]`` RoPE positions of the tokens (those of padding unused).
         state: per-forward scratch space shared by the reducers.
     """
 
@@ -90,8 +100,10 @@ class LLMSignals:
     image_len: int
     valid: Tensor
     last_attn: Tensor | None = None
+    next_attn: Tensor | None = None
     attn: Tensor | None = None
     layer: int = 0
+    positions: Tensor | None = None
     state: dict = field(default_factory=dict)
 
 
@@ -101,12 +113,15 @@ class LLMReducer(nn.Module):
     ``forward(h, signals)`` returns a ``Reduction`` over the whole sequence whose
     ``index`` keeps every text and padding token, in order; only image tokens
     (``image_start <= i < image_start + image_len``) may be dropped or merged.
+    ``renumber``: after this reducer's drop, the host renumbers the positions of
+    the valid tokens ``0..n-1`` (False: kept tokens keep their positions).
     """
 
     catalog_id: str = ""
     kind: str = ""
     needs: frozenset[str] = frozenset({"last_attn"})
     basis: str = "official code"
+    renumber: bool = False
     test_configs: ClassVar[dict[str, dict]] = {"zero": {}, "some": {}}
 
     def image_budget(self, n_image: int) -> tuple[int, int]:
@@ -165,6 +180,26 @@ class DecoderLayer(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, heads, self.head_dim).transpose(1, 2)  # [B, H, N, D]
 
+    @torch.no_grad()
+    def _last_row(self, q: Tensor, k_all: Tensor, mask: Tensor, last: Tensor) -> Tensor:
+        """``[B, H, N]``: softmax attention of each sample's ``last`` query (float32 softmax)."""
+        q_last = q.gather(2, last[:, None, None, None].expand(-1, q.shape[1], 1, q.shape[3]))
+        logits = (q_last @ k_all.transpose(-1, -2)) * self.head_dim**-0.5  # [B, H, 1, N]
+        row_mask = mask.gather(2, last[:, None, None, None].expand(-1, 1, 1, mask.shape[3]))
+        logits = logits.float().masked_fill(~row_mask, -torch.inf)
+        return logits.softmax(-1).to(q.dtype)[:, :, 0]
+
+    @torch.no_grad()
+    def last_row_attention(
+        self, h: Tensor, positions: Tensor, mask: Tensor, last: Tensor
+    ) -> Tensor:
+        """``[B, H, N]``: the last query's attention this layer would compute for input ``h``."""
+        cfg = self.cfg
+        x = self.input_layernorm(h)
+        q = rope(self._split(self.q_proj(x), cfg.heads), positions, cfg.rope_theta)
+        k = rope(self._split(self.k_proj(x), cfg.kv_heads), positions, cfg.rope_theta)
+        return self._last_row(q, k.repeat_interleave(cfg.heads // cfg.kv_heads, 1), mask, last)
+
     def forward(
         self,
         h: Tensor,
@@ -193,17 +228,9 @@ class DecoderLayer(nn.Module):
             logits = (q @ k_all.transpose(-1, -2)) * scale
             signals["attn"] = logits.masked_fill(~mask, -torch.inf).softmax(-1)
         if "last_attn" in needs and last is not None:
-            with torch.no_grad():  # only the rows of each sample's last valid token
-                q_last = q.gather(
-                    2, last[:, None, None, None].expand(-1, q.shape[1], 1, q.shape[3])
-                )
-                logits = (q_last @ k_all.transpose(-1, -2)) * scale  # [B, H, 1, N]
-                row_mask = mask.gather(2, last[:, None, None, None].expand(-1, 1, 1, mask.shape[3]))
-                signals["last_attn"] = logits.masked_fill(~row_mask, -torch.inf).softmax(-1)[
-                    :, :, 0
-                ]
+            signals["last_attn"] = self._last_row(q, k_all, mask, last)
         b, _, n, _ = out.shape
-        h = h + self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+        h = h + self.o_proj(out.transpose(1, 2).reshape(b, n, cfg.heads * self.head_dim))
         x = self.post_attention_layernorm(h)
         return h + self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), signals
 
@@ -226,14 +253,22 @@ class LlavaHost(nn.Module):
         self.vision_reducer: TokenReducer | None = None
         self.llm_reducers = nn.ModuleDict()
         self.llm_by_layer: dict[int, LLMReducer] = {}
+        self.renumber: bool | None = None
         self.last_trace: list[Reduction] = []
+        self.last_state: dict = {}
 
     # -- configuration -------------------------------------------------------
     def apply(
-        self, vision: TokenReducer | None = None, llm: dict[int, LLMReducer] | None = None
+        self,
+        vision: TokenReducer | None = None,
+        llm: dict[int, LLMReducer] | None = None,
+        renumber: bool | None = None,
     ) -> LlavaHost:
+        """Attach the reducers. ``renumber``: renumber positions ``0..n-1`` after every
+        LLM-stage drop (True), never (False), or as each reducer's ``renumber`` says (None)."""
         self.vision_reducer = vision
         self.llm_by_layer = dict(llm or {})
+        self.renumber = renumber
         # Registered as submodules too, so .to() and .parameters() reach them.
         self.llm_reducers = nn.ModuleDict({str(k): v for k, v in self.llm_by_layer.items()})
         return self
@@ -296,9 +331,11 @@ class LlavaHost(nn.Module):
         decoded. ``replay``: the ``index`` of every LLM reduction of an earlier
         prefill (``last_trace``), applied at the same hooks instead of running the
         reducers, the appended tokens kept: the cache-free recomputation of a
-        pruned sequence.
+        pruned sequence. ``state``: initial scratch values for the reducers; it is
+        copied, never written (the working copy is ``last_state`` afterwards).
         """
-        state = {} if state is None else state
+        state = {} if state is None else dict(state)
+        self.last_state = state
         vis, _ = self.encode_images(images, state)
         b, device = vis.shape[0], vis.device
         parts = [self.embed_tokens(prefix_ids), vis, self.embed_tokens(suffix_ids)]
@@ -320,10 +357,20 @@ class LlavaHost(nn.Module):
             reducer = self.llm_by_layer.get(i)
             needs = reducer.needs if reducer is not None and pending is None else frozenset()
             last = valid.long().cumsum(1).argmax(1)  # each sample's last valid token
-            caches.append({"valid": valid})
+            # This layer decodes at its own next position: ``pos_shift`` below the prompt's.
+            next_pos = positions.gather(1, last[:, None])[:, 0] + 1
+            caches.append({"valid": valid, "next_pos": next_pos})
             h, signals = layer(h, positions, self._mask(valid, valid, 0), caches[i], needs, last)
             if reducer is None:
                 continue
+            if "next_attn" in needs:
+                signals["next_attn"] = (
+                    self.layers[i + 1].last_row_attention(
+                        h, positions, self._mask(valid, valid, 0), last
+                    )
+                    if i + 1 < len(self.layers)
+                    else None
+                )
             n = h.shape[1]
             if pending is not None:
                 recorded = pending.pop(0)  # [B, N' - extra] into the sequence without extras
@@ -332,23 +379,37 @@ class LlavaHost(nn.Module):
                 h = gather_tokens(h, index)
             else:
                 red = reducer(
-                    h, LLMSignals(image_start, image_len, valid, layer=i, state=state, **signals)
+                    h,
+                    LLMSignals(
+                        image_start,
+                        image_len,
+                        valid,
+                        layer=i,
+                        positions=positions,
+                        state=state,
+                        **signals,
+                    ),
                 )
                 index, h = red.index, red.x
                 self.last_trace.append(index)
             image_len -= n - index.shape[1]  # only image tokens are ever removed
             valid, positions = valid.gather(1, index), positions.gather(1, index)
+            if reducer.renumber if self.renumber is None else self.renumber:
+                positions = (valid.long().cumsum(1) - 1).clamp(min=0)
         last = valid.long().cumsum(1).argmax(1)
         out = h.gather(1, last[:, None, None].expand(-1, 1, h.shape[2]))
-        cache = {"layers": caches, "next_pos": positions.gather(1, last[:, None])[:, 0] + 1}
+        next_pos = caches[0]["next_pos"] if caches else positions.gather(1, last[:, None])[:, 0] + 1
+        for layer_cache in caches:
+            layer_cache["pos_shift"] = next_pos - layer_cache.pop("next_pos")
+        cache = {"layers": caches, "next_pos": next_pos}
         return self.lm_head(self.norm(out))[:, 0], cache
 
     @torch.no_grad()
     def decode(self, token_ids: Tensor, cache: dict) -> Tensor:
         """One decoding step for ``token_ids [B]``; updates ``cache``; returns logits."""
         h = self.embed_tokens(token_ids[:, None])  # [B, 1, hidden]
-        positions = cache["next_pos"][:, None]
         for layer, layer_cache in zip(self.layers, cache["layers"], strict=True):
+            positions = (cache["next_pos"] - layer_cache.get("pos_shift", 0))[:, None]
             layer_cache["valid"] = torch.cat(
                 [layer_cache["valid"], torch.ones_like(token_ids[:, None], dtype=torch.bool)], 1
             )

@@ -36,7 +36,11 @@ Deviations from the official code:
   image span); without a vision stage it is empty.
 - Decoding: the host has no decoding hook, so ``MustDropDecoding.apply`` rewrites
   the cache that ``prefill`` returned (a new dict; the input is left intact).
-  Kept tokens keep their original RoPE positions (the host's convention).
+- Positions: ``renumber=True`` (the default, as in the official code) has the
+  host renumber positions ``0..n-1`` after each drop, and every layer decodes at
+  its own (compressed) cache length, as the official decoding does;
+  ``renumber=False`` keeps the host's convention (kept tokens keep their
+  original positions; decoding continues after the full prompt).
 """
 
 from __future__ import annotations
@@ -49,8 +53,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reference.core import Reduction, Signals, TokenReducer, identity
-from reference.fastv import keep_image_tokens
 from reference.llava import LlavaHost, LLMReducer, LLMSignals
+from reference.ops import keep_image_tokens
 from reference.registry import register
 
 KEY = "mustdrop.key"
@@ -190,9 +194,14 @@ class MustDrop(LLMReducer):
     test_configs: ClassVar[dict[str, dict]] = {"zero": {"ratio": 0.0}, "some": {"ratio": 0.5}}
 
     def __init__(
-        self, ratio: float | None = 0.5, global_thr: float = 1e-3, individual_thr: float = 1e-3
+        self,
+        ratio: float | None = 0.5,
+        global_thr: float = 1e-3,
+        individual_thr: float = 1e-3,
+        renumber: bool = True,
     ):
         super().__init__()
+        self.renumber = renumber
         if ratio is not None and not 0 <= ratio < 1:
             raise ValueError(f"ratio must be in [0, 1) or None, got {ratio}")
         if global_thr <= 0 or individual_thr <= 0:
@@ -225,13 +234,17 @@ class MustDrop(LLMReducer):
 
 
 # -- decoding ---------------------------------------------------------------------
-def compress_cache(cache: dict, trace: list[Tensor], layers: list[int]) -> dict:
+def compress_cache(
+    cache: dict, trace: list[Tensor], layers: list[int], renumber: bool = False
+) -> dict:
     """Cut every layer's KV cache from ``layers[0]`` on to the final token set.
 
     Args:
         cache: what ``LlavaHost.prefill`` returned (not modified).
         trace: the ``index`` of each prefill reduction, in order (``last_trace``).
         layers: the decoder layers those reductions ran after, ascending.
+        renumber: the prefill renumbered positions; each layer then decodes at its
+            cache's length (valid tokens), as the official code does.
     """
     composed = list(trace)  # composed[s]: sequence entering layer layers[s] -> final set
     for s in range(len(trace) - 2, -1, -1):
@@ -249,8 +262,12 @@ def compress_cache(cache: dict, trace: list[Tensor], layers: list[int]) -> dict:
                 "k": lc["k"].gather(2, kv.expand(-1, lc["k"].shape[1], -1, lc["k"].shape[3])),
                 "v": lc["v"].gather(2, kv.expand(-1, lc["v"].shape[1], -1, lc["v"].shape[3])),
                 "valid": lc["valid"].gather(1, sel),
+                "pos_shift": lc.get("pos_shift", 0),
             }
         )
+    if renumber:
+        for lc in out:
+            lc["pos_shift"] = cache["next_pos"] - lc["valid"].sum(1)
     return {**cache, "layers": out}
 
 
@@ -260,4 +277,7 @@ class MustDropDecoding:
     def apply(self, host: LlavaHost, cache: dict) -> dict:
         """The compressed cache for ``host``'s last ``prefill`` (its reducers and trace)."""
         layers = sorted(int(k) for k in host.llm_reducers)
-        return compress_cache(cache, host.last_trace, layers)
+        renumber = host.renumber
+        if renumber is None:
+            renumber = any(r.renumber for r in host.llm_by_layer.values())
+        return compress_cache(cache, host.last_trace, layers, renumber)

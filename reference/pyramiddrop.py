@@ -8,9 +8,12 @@ Official code: https://github.com/Cooperx521/PyramidDrop (``pdrop_forward`` and
 Algorithm (Sec. 3.2):
 1. Split the decoder into ``S`` stages at layers ``L_1 < L_2 < ...``.
 2. At the end of stage ``s``, score each remaining image token by the attention
-   the last instruction token pays it (averaged over heads), and keep the top
-   ``floor(N * lambda^s)`` of the ``N`` image tokens that entered the LLM.
-3. Text tokens are always kept; the image sequence narrows like a pyramid.
+   the last instruction token pays it in layer ``L_s`` (that layer's input norm,
+   q/k projections and RoPE applied to the hidden states entering it, averaged
+   over heads), and keep the top ``floor(N * lambda^s)`` of the ``N`` image
+   tokens that entered the LLM, in sequence order.
+3. Text tokens are always kept; positions are renumbered ``0..n-1``; the image
+   sequence narrows like a pyramid.
 
 Deviations from the official code:
 - One registered class, one instance per stage boundary: ``PyramidDrop.schedule``
@@ -19,11 +22,15 @@ Deviations from the official code:
   ``image_token_ratio_list``), so each instance reads that count from
   ``signals.state["pyramiddrop.n_image"]``, written by the first stage to run; the
   count is ``floor(N * retain)`` as in the official code.
-- The hook runs after layer ``L_s - 1`` with that layer's attention row; the
-  official code scores with the next layer's ``q``/``k`` projections (the
-  attention layer ``L_s`` would compute) and then drops before layer ``L_s``.
-- Kept tokens keep their original RoPE positions (the host's convention); the
-  official code renumbers positions contiguously after each drop.
+- The hook runs after layer ``L_s - 1`` and reads the host's ``next_attn``
+  signal: the row layer ``L_s`` would compute, as the official code scores it.
+  A hook after the last decoder layer has no next layer and raises.
+- ``renumber=True`` (the default, as in the official code) has the host
+  renumber positions after each drop, and each later layer decodes at its own
+  sequence's length; ``renumber=False`` keeps the host's convention (kept tokens
+  keep their positions).
+- With grouped-query attention the keys are repeated per query head; the
+  official ``matmul`` supports only as many key/value heads as query heads.
 - Training mode (queries = every token right before an answer span, averaged)
   is left out: the query is always each sample's last valid token, the
   official inference setting. Nothing is learned, so there is no training path.
@@ -39,8 +46,8 @@ import torch
 from torch import Tensor
 
 from reference.core import Reduction
-from reference.fastv import keep_image_tokens
 from reference.llava import LLMReducer, LLMSignals
+from reference.ops import keep_image_tokens
 from reference.registry import register
 
 STATE_KEY = "pyramiddrop.n_image"
@@ -51,7 +58,8 @@ def rank_and_drop(h: Tensor, last_attn: Tensor, start: int, length: int, keep: i
 
     Args:
         h: ``[B, N, C]`` hidden states after the stage's last layer.
-        last_attn: ``[B, H, N]`` attention of each sample's last instruction token.
+        last_attn: ``[B, H, N]`` attention of each sample's last instruction token
+            (in the next layer: the host's ``next_attn``).
         start, length: the image span ``[start, start + length)``.
         keep: image tokens left after the drop.
     """
@@ -67,14 +75,15 @@ class PyramidDrop(LLMReducer):
 
     catalog_id = "pyramiddrop"
     kind = "pruning"
-    needs = frozenset({"last_attn"})
+    needs = frozenset({"next_attn"})
     test_configs: ClassVar[dict[str, dict]] = {"zero": {"retain": 1.0}, "some": {"retain": 0.5}}
 
-    def __init__(self, retain: float = 0.5):
+    def __init__(self, retain: float = 0.5, renumber: bool = True):
         super().__init__()
         if not 0 <= retain <= 1:
             raise ValueError(f"retain must be in [0, 1], got {retain}")
         self.retain = retain
+        self.renumber = renumber
 
     @classmethod
     def schedule(cls, layers: list[int], lam: float = 0.5) -> dict[int, PyramidDrop]:
@@ -97,4 +106,6 @@ class PyramidDrop(LLMReducer):
         start, length = signals.image_start, signals.image_len
         n_image = signals.state.setdefault(STATE_KEY, length)
         keep = min(length, self.kept(n_image))  # never more than are left
-        return rank_and_drop(h, signals.last_attn, start, length, keep)
+        if signals.next_attn is None:
+            raise ValueError("PyramidDrop scores with the next decoder layer; none follows")
+        return rank_and_drop(h, signals.next_attn, start, length, keep)

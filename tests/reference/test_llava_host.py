@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from reference.core import TokenReducer, identity
 from reference.fastv import FastV
 from reference.llava import TINY, LlavaHost, LLMReducer, LLMSignals
+from reference.ops import keep_image_tokens
+from reference.pyramiddrop import PyramidDrop
 from reference.tome import ToMe
 from reference.vit import HostState
 from tests.reference.test_vlm_contract import inputs
@@ -141,3 +143,45 @@ def test_next_projections_are_absent_after_the_last_block_and_when_not_needed():
     host().apply(vision=plain).encode_images(inputs()[0], {})
     seen = plain.seen[0][1]
     assert seen.next_q is None and seen.attn_logits is None and seen.attn is None
+
+
+class NextSpy(Spy):
+    """Keeps every token; records the signals; asks for the next layer's row only."""
+
+    needs = frozenset({"next_attn"})
+
+    def forward(self, h, signals):
+        self.seen.append(signals)
+        keep = torch.arange(signals.image_len).expand(h.shape[0], -1)
+        return keep_image_tokens(h, None, signals.image_start, signals.image_len, keep)
+
+
+@torch.no_grad()
+def test_next_attention_is_the_next_layers_own_last_row_and_only_when_needed():
+    model = host()
+    first, second = NextSpy(), Spy()
+    model.apply(llm={0: first, 1: second})  # neither drops a token
+    model.prefill(*inputs())
+    (before,), (after,) = first.seen, second.seen
+    torch.testing.assert_close(before.next_attn, after.last_attn)
+    assert before.last_attn is None and after.next_attn is None  # computed only when asked
+    assert torch.equal(before.positions, after.positions)
+
+
+@torch.no_grad()
+def test_prefill_copies_the_callers_state():
+    model = host().apply(llm=PyramidDrop.schedule([1, 2], lam=0.5))
+    state = {"text": torch.zeros(3, 1, 8)}
+    model.prefill(*inputs(), state=state)
+    assert list(state) == ["text"]  # the method's scratch key stayed in the host's copy
+    assert model.last_state["pyramiddrop.n_image"] == 16 and "text" in model.last_state
+
+
+@torch.no_grad()
+def test_an_empty_batch_gives_empty_outputs():
+    images, prefix, suffix, valid = inputs()
+    for llm in (None, {1: FastV(ratio=0.5)}, PyramidDrop.schedule([1, 2, 3])):
+        model = host().apply(llm=llm)
+        logits, cache = model.prefill(images[:0], prefix[:0], suffix[:0], valid[:0])
+        assert logits.shape == (0, TINY.vocab) and cache["next_pos"].shape == (0,)
+        assert model.decode(logits.argmax(-1), cache).shape == (0, TINY.vocab)

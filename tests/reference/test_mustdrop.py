@@ -13,7 +13,7 @@ from reference.mustdrop import (
     dual_attention_scores,
     window_similarity,
 )
-from tests.reference.conftest import make_signals, tokens
+from tests.reference.conftest import assert_cached_decoding_matches, make_signals, tokens
 from tests.reference.test_vlm_contract import inputs
 
 START, N_IMAGE, N_TEXT = 2, 16, 5
@@ -60,8 +60,8 @@ def test_vision_stage_through_llava_and_cached_decoding():
     vision = MustDropVision(window=2, merge=2, key_rate=0.25)
     host = LlavaHost(TINY).eval().apply(vision=vision, llm={1: MustDrop(ratio=0.5)})
     images, prefix, suffix, valid = inputs()
-    state: dict = {}
-    logits, cache = host.prefill(images, prefix, suffix, valid, state=state)
+    logits, cache = host.prefill(images, prefix, suffix, valid)
+    state = host.last_state  # the host's working copy of the scratch state
     (index,) = host.last_trace
     assert index.shape[1] == START + 5 + N_TEXT  # 16 - 2*3 = 10 image tokens, half kept
     assert (state[KEY].sum(1) == 3).all()  # the ceil(0.25 * 10) key tokens all survived
@@ -149,8 +149,30 @@ def test_compressed_cache_equals_masking_the_dropped_tokens():
     for i, sel in ((1, sel1), (2, trace[1])):
         keep = torch.zeros_like(masked["layers"][i]["valid"]).scatter_(1, sel, True)
         masked["layers"][i]["valid"] = masked["layers"][i]["valid"] & keep
+    # Positions renumbered (the default): each layer decodes at its cache's length.
+    for lc, mc in zip(compressed["layers"], masked["layers"], strict=True):
+        position = compressed["next_pos"] - lc["pos_shift"]
+        assert position.tolist() == lc["valid"].sum(1).tolist()
+        mc["pos_shift"] = cache["next_pos"] - mc["valid"].sum(1)
     token = logits.argmax(-1)
     torch.testing.assert_close(
         host.decode(token, compressed), host.decode(token, masked), rtol=1e-4, atol=1e-5
     )
     assert not torch.allclose(host.decode(token, compressed), host.decode(token, cache))
+
+
+@torch.no_grad()
+def test_positions_are_renumbered_by_default_and_kept_with_renumber_off():
+    torch.manual_seed(0)
+    images, prefix, suffix, valid = inputs()
+    host = LlavaHost(TINY).eval().apply(llm={1: MustDrop(ratio=0.5)})
+    _, cache = host.prefill(images, prefix, suffix, valid)
+    # After the drop after layer 1, layers 2 and 3 decode 8 positions earlier.
+    shifts = [lc["pos_shift"].tolist() for lc in cache["layers"]]
+    assert shifts == [[0] * 3, [0] * 3, [8] * 3, [8] * 3]
+    assert assert_cached_decoding_matches(host, images, prefix, suffix, valid) > 0
+    host.apply(llm={1: MustDrop(ratio=0.5, renumber=False)})
+    _, cache = host.prefill(images, prefix, suffix, valid)
+    assert all((lc["pos_shift"] == 0).all() for lc in cache["layers"])
+    compressed = MustDropDecoding().apply(host, cache)
+    assert all((torch.as_tensor(lc["pos_shift"]) == 0).all() for lc in compressed["layers"])
