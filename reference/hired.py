@@ -4,7 +4,7 @@ Paper: "HiRED: Attention-Guided Token Dropping for Efficient Inference of
 High-Resolution Vision-Language Models", https://arxiv.org/abs/2408.10945
 Official code: https://github.com/hasanar1f/HiRED
 (``transformers/src/transformers/models/llava_next/modeling_llava_next.py``:
-``HiRED_token_selection``, ``HiRED_sub_img_budgets``; ``models/llava/modeling_llava.py``
+``HiRED_token_selection``, ``HiRED_sub_img_budgets``; the same file under ``models/llava/``
 for LLaVA-1.5)
 
 Algorithm (Sec. 3), before the projector, with a budget of ``k`` visual tokens:
@@ -35,6 +35,9 @@ Deviations from the official code:
   ``state["early_cls_attn"]`` (``[B, H, N]``, CLS attention row of an early ViT
   layer); without it the hook layer's own CLS attention is used for both steps.
 - Kept tokens stay in spatial order, as the official boolean mask does.
+- Batches: the official code is batch-1 only (it ranks with batch item 0's attention,
+  ``bottom_layer_attn[0]``, and applies that mask to every image); here each sample is
+  ranked by its own attention.
 """
 
 from __future__ import annotations

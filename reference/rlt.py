@@ -48,10 +48,10 @@ Deviations from the official code:
   0.02, as the official ``length_embed``) indexed by run length - 1 (clamped to
   the last row), added to the kept whole-frame tokens; off by default
   (``length_frames=0``). Each token gets its own run length; the released
-  ``batched_get_token_lengths`` appears to list lengths position-major while the
-  tokens are frame-major. Training and inference share one path (the paper
-  fine-tunes with the tokens dropped), so no soft mask; the fine-tuning recipe is
-  left out.
+  ``batched_get_token_lengths`` lists lengths position-major while the tokens are
+  frame-major (the golden fixture test compares them in that order). Training and inference
+  share one path (the paper fine-tunes with the tokens dropped), so no soft mask; the
+  fine-tuning recipe is left out.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -11,6 +12,7 @@ from reference.core import Signals
 from reference.dycoke import DyCoke, dycoke_decode_step
 from reference.llava import TINY, LlavaHost
 from tests.reference.conftest import assert_cached_decoding_matches, llava_inputs
+from tests.reference.fixtures import load, tensor
 
 T, P, C = 8, 3, 8
 
@@ -129,3 +131,28 @@ def test_kv_pruning_with_zero_ratio_is_plain_decoding():
     token = logits.argmax(-1)
     plain = host.decode(token, copy.deepcopy(cache))
     torch.testing.assert_close(dycoke_decode_step(host, token, cache, 2, 16, ratio=0.0), plain)
+
+
+GOLDEN = load("dycoke")
+
+
+@pytest.mark.parametrize(
+    "case", GOLDEN["cases"], ids=lambda c: f"t{c['frames']}-p{c['frame_tokens']}"
+)
+def test_reproduces_the_official_temporal_merging_golden_fixture(case):
+    """Same kept tokens as the official ``dycole_ttm``, per video; the official order of a
+    pruned frame (increasing similarity) is spatial here, and an odd last frame is carried
+    through where the official loop drops it."""
+    x = tensor(case["x"])
+    b, n, _ = x.shape
+    p = case["frame_tokens"]
+    out = DyCoke(frame_tokens=p, ratio=case["ratio"])(
+        x, Signals(prefix=0, size=torch.ones(b, n, 1))
+    )
+    carried = n - n // (2 * p) * 2 * p  # the official code drops an odd last frame
+    for v in range(b):
+        official = torch.tensor(case["index"][v])
+        kept = out.index[v]
+        assert torch.equal(kept, torch.cat([official.sort().values, torch.arange(n - carried, n)]))
+        where = torch.searchsorted(kept, official)
+        torch.testing.assert_close(out.x[v, where], tensor(case["out"][v]), atol=1e-5, rtol=1e-5)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from reference.core import Signals
 from reference.fastervlm import FasterVLM
 from reference.llava import TINY, LlavaHost
 from reference.vit import HostState
@@ -14,6 +16,9 @@ from tests.reference.conftest import (
     make_signals,
     tokens,
 )
+from tests.reference.fixtures import load, tensor
+
+GOLDEN = load("fastervlm")
 
 
 def test_keeps_exactly_the_top_t_by_head_mean_cls_attention_in_order():
@@ -74,3 +79,15 @@ def test_llava_host_cached_decoding_equals_recomputing_the_pruned_sequence():
     torch.manual_seed(0)
     host = LlavaHost(TINY).eval().apply(vision=FasterVLM(tokens=5))
     assert assert_cached_decoding_matches(host, *llava_inputs()) == 2 + 5 + 5
+
+
+@pytest.mark.parametrize("case", GOLDEN["cases"], ids=lambda c: f"b{len(c['x'])}t{c['tokens']}")
+def test_reproduces_the_official_encode_images_golden_fixture(case):
+    """The official ``encode_images`` keeps the same patches (its ``index_masks``)."""
+    x, cls_attn = tensor(case["x"]), tensor(case["cls_attn"])
+    b, n, _ = x.shape
+    signals = Signals(prefix=1, size=torch.ones(b, n, 1), cls_attn=cls_attn)
+    out = FasterVLM(tokens=case["tokens"])(x, signals)
+    assert out.num_tokens == 1 + case["tokens"]
+    assert torch.equal(out.index[:, 1:] - 1, torch.tensor(case["kept"]))
+    torch.testing.assert_close(out.x[:, 1:], tensor(case["kept_x"]), atol=1e-5, rtol=1e-5)

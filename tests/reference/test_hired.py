@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from reference.core import Signals
 from reference.hired import HiRED, hired_keep, tile_ids
 from reference.llava import TINY, LlavaHost
 from tests.reference.conftest import (
@@ -13,6 +15,9 @@ from tests.reference.conftest import (
     make_signals,
     tokens,
 )
+from tests.reference.fixtures import load, tensor
+
+GOLDEN = load("hired")
 
 
 def test_single_partition_keeps_the_top_k_by_head_summed_cls_attention():
@@ -83,3 +88,16 @@ def test_llava_host_cached_decoding_equals_recomputation():
     vis, _ = host.encode_images(images, {})
     assert vis.shape[1] == 8
     assert_cached_decoding_matches(host, images, prefix, suffix, valid)
+
+
+@pytest.mark.parametrize("case", GOLDEN["cases"], ids=lambda c: f"b{len(c['x'])}k{c['budget']}")
+def test_reproduces_the_official_llava_1_5_selection_golden_fixture(case):
+    """The official ``HiRED_token_selection`` keeps the same patches (each sample run alone)."""
+    x, cls_attn = tensor(case["x"]), tensor(case["cls_attn"])
+    b, n, _ = x.shape
+    signals = Signals(prefix=1, size=torch.ones(b, n, 1), cls_attn=cls_attn)
+    out = HiRED(budget=case["budget"])(x, signals)
+    kept = torch.tensor(case["kept"])
+    assert out.num_tokens == 1 + kept.shape[1]
+    assert torch.equal(out.index[:, 1:] - 1, kept)
+    torch.testing.assert_close(out.x[:, 1:], tensor(case["kept_x"]), atol=1e-5, rtol=1e-5)

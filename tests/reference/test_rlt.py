@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 
 from reference import vit
+from reference.core import Signals
 from reference.rlt import RLT
 from tests.reference.conftest import C, make_signals, tiny_host
+from tests.reference.fixtures import load, tensor
 
 T, P = 4, 4  # frames, patches per frame (the conftest's 16 patch tokens)
 
@@ -151,3 +154,36 @@ def test_host_drops_repeated_frames():
     assert vit.tokens_after(host) == [1 + P]
     assert torch.isfinite(logits).all()
     torch.testing.assert_close(host.last_state.size[:, 1:, 0], torch.full((2, P), float(T)))
+
+
+GOLDEN = load("rlt")
+
+
+def patch_tokens(video: torch.Tensor, ps: int) -> torch.Tensor:
+    """``[B, C, T, H, W]`` pixels as ``[B, T h w, C ps ps]`` tokens, one per frame's patch."""
+    b, c, t, h, w = video.shape
+    x = video.reshape(b, c, t, h // ps, ps, w // ps, ps)
+    return x.permute(0, 2, 3, 5, 1, 4, 6).reshape(b, t * (h // ps) * (w // ps), c * ps * ps)
+
+
+@pytest.mark.parametrize("case", GOLDEN["cases"], ids=lambda c: f"ps{c['patch_size']}")
+def test_reproduces_the_official_static_token_golden_fixture(case):
+    """Same kept patches as the official ``batched_find_idxs_to_keep`` (one-frame tubelets),
+    and each kept patch's size is the official ``batched_get_token_lengths`` run length."""
+    video = tensor(case["video"])
+    b, t = video.shape[0], video.shape[2]
+    ps = case["patch_size"]
+    x = patch_tokens(video, ps)
+    p = x.shape[1] // t
+    out = RLT(frame_tokens=p, threshold=case["threshold"])(
+        x, Signals(prefix=0, size=torch.ones(b, x.shape[1], 1))
+    )
+    official = torch.tensor(case["keep"])
+    lengths = torch.tensor(case["lengths"], dtype=torch.float32).split(official.sum(1).tolist())
+    for v in range(b):
+        index = out.index[v][out.index[v] >= 0]
+        assert torch.equal(index, official[v].nonzero().flatten())
+        torch.testing.assert_close(out.x[v, : len(index)], x[v, index], atol=1e-5, rtol=1e-5)
+        # The official lengths run patch position first, then frame.
+        by_position = (index % p * t + index // p).argsort()
+        torch.testing.assert_close(out.size[v, by_position, 0], lengths[v])

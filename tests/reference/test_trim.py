@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
+from reference.core import Signals
 from reference.llava import TINY, LlavaHost
 from reference.trim import TRIM, iqr_outliers, text_scores
 from tests.reference.conftest import (
@@ -15,6 +17,7 @@ from tests.reference.conftest import (
     make_signals,
     tokens,
 )
+from tests.reference.fixtures import load, tensor
 
 
 def expected_kept(x: torch.Tensor, text: torch.Tensor, i: int) -> list[int]:
@@ -147,3 +150,23 @@ def test_llava_host_cached_decoding_equals_recomputation():
     vis, red = host.encode_images(images, dict(state))
     assert vis.shape[1] < 16 and red is not None and red.num_tokens - 1 == vis.shape[1]
     assert_cached_decoding_matches(host, images, prefix, suffix, valid, state=state)
+
+
+GOLDEN = load("trim")
+
+
+@pytest.mark.parametrize("case", GOLDEN["cases"], ids=lambda c: c["token_reduce_func"])
+def test_reproduces_the_official_token_reduction_golden_fixture(case):
+    """Same kept patches, in spatial order, and the same mean token as the official
+    ``token_reduction`` (CLIP's post-layernorm and projection as identities)."""
+    x, text = tensor(case["x"]), tensor(case["text"])
+    b, n, _ = x.shape
+    k = float(case["token_reduce_func"].removeprefix("TRIM:"))
+    signals = Signals(prefix=0, size=torch.ones(b, n, 1), state={"text": text[:, None]})
+    out = TRIM(ratio=None if k == -1 else k)(x, signals)
+    index = torch.tensor(case["index"])
+    width = case["actual_dims"][0]
+    assert out.x.shape[1] == width
+    assert torch.equal(out.index[:, : width - 1], index)
+    assert (out.index[:, width - 1] == -1).all()  # the aggregated token
+    torch.testing.assert_close(out.x, tensor(case["out"]), atol=1e-5, rtol=1e-5)

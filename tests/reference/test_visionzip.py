@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from reference.core import Signals
 from reference.llava import TINY, LlavaHost
 from reference.visionzip import VisionZip
 from tests.reference.conftest import (
@@ -15,6 +17,9 @@ from tests.reference.conftest import (
     make_signals,
     tokens,
 )
+from tests.reference.fixtures import load, tensor
+
+GOLDEN = load("visionzip")
 
 
 def test_dominant_tokens_are_the_top_k_by_summed_cls_attention_in_order():
@@ -97,3 +102,23 @@ def test_llava_host_cached_decoding_equals_recomputing_the_pruned_sequence():
     vis, reduction = host.encode_images(images, {})
     assert vis.shape == (3, 6, TINY.hidden) and reduction.size.sum(1).eq(N).all()
     assert_cached_decoding_matches(host, images, prefix, suffix, valid)
+
+
+@pytest.mark.parametrize(
+    "case", GOLDEN["cases"], ids=lambda c: f"b{len(c['x'])}d{c['dominant']}c{c['contextual']}"
+)
+def test_reproduces_the_official_forward_golden_fixture(case):
+    """The official tower keeps the same dominant patches and builds the same contextual tokens."""
+    x, official = tensor(case["x"]), tensor(case["out"])
+    b, n, _ = x.shape
+    signals = Signals(
+        prefix=1,
+        size=torch.ones(b, n, 1),
+        cls_attn=tensor(case["cls_attn"]),
+        keys=tensor(case["keys"]),
+    )
+    d = case["dominant"]  # the official _info["dominant"]: patches, CLS kept besides
+    out = VisionZip(dominant=d, contextual=case["contextual"])(x, signals)
+    assert out.num_tokens == official.shape[1] == 1 + d + case["contextual"]
+    assert torch.equal(out.index[:, 1 : 1 + d], torch.tensor(case["dominant_index"]))
+    torch.testing.assert_close(out.x, official, atol=1e-5, rtol=1e-5)
