@@ -28,8 +28,12 @@ Deviations from the official code:
   runs after the selected block. All ``prefix`` tokens are protected (the official
   code protects CLS and the cross token).
 - The ensemble formula with several sources per destination, and ``r`` capped at
-  ``(N - prefix) // 2``, follow the official ``merge`` exactly; ties in the sorts are
-  broken by position (stable sort).
+  ``(N - prefix - suffix) // 2``, follow the official ``merge`` exactly. The similarity is
+  symmetric, so a mutually nearest pair ties in the ranking (exactly, on CPU); by default
+  (``stable=False``) the ties go as the official (unstable) ``argsort`` orders them on
+  the device, so results can differ between devices; ``stable=True`` breaks every tie
+  by position instead. ``suffix`` protects trailing tokens (the official cross token is
+  the last one).
 - The LLaVA variant of the official code scores importance from attention maps
   (mean attention received plus the cross token's attention); not implemented.
 """
@@ -53,14 +57,15 @@ def cross_guided_importance(x: Tensor, guide: Tensor) -> Tensor:
 
 
 def complete_graph_match(
-    metric: Tensor, importance: Tensor, r: int, prefix: int
+    metric: Tensor, importance: Tensor, r: int, prefix: int, suffix: int = 0, stable: bool = False
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Plan one CrossGET step (official ``match``).
 
     Args:
         metric: ``[B, N, D]`` attention keys averaged over heads.
         importance: ``[B, N]`` cross-guided importance.
-        r: tokens to merge away; prefix: protected tokens.
+        r: tokens to merge away; prefix, suffix: protected leading and trailing tokens.
+        stable: break ties by position instead of as the official unstable ``argsort``.
 
     Returns:
         ``src [B, r]`` source tokens, ``dst_all [B, N - r]`` the other tokens,
@@ -73,15 +78,17 @@ def complete_graph_match(
         sim = metric @ metric.transpose(-1, -2)  # [B, N, N] cosine
         blocked = torch.eye(n, dtype=torch.bool, device=metric.device)
         blocked[:prefix, :] = blocked[:, :prefix] = True
+        blocked[n - suffix :, :] = blocked[:, n - suffix :] = True
         sim = sim.masked_fill(blocked, -torch.inf)
         # Complete graph without conflicts: rank tokens by their best similarity; a
         # token may only be matched to tokens ranked after it.
-        order = sim.max(-1).values.argsort(dim=-1, descending=True, stable=True)  # [B, N]
+        best_any = sim.max(-1, keepdim=True).values  # [B, N, 1]: the official sort layout
+        order = best_any.argsort(dim=1, descending=True, stable=stable)[..., 0]  # [B, N]
         rank = order.argsort(-1)
         allowed = rank[:, None, :] > rank[:, :, None]  # [B, N, N]
         best = sim.masked_fill(~allowed, -torch.inf).max(-1).values  # [B, N]
         # Cross guidance: important tokens and tokens without a close match stay.
-        edge = (importance.float() - best).argsort(dim=-1, stable=True)  # [B, N]
+        edge = (importance.float() - best)[..., None].argsort(dim=1, stable=stable)[..., 0]
         src, dst_all = edge[:, :r], edge[:, r:]
         sim_sd = sim.gather(1, src[..., None].expand(-1, -1, n)).gather(
             2, dst_all[:, None, :].expand(-1, r, -1)
@@ -94,14 +101,21 @@ def complete_graph_match(
 
 
 def crossget_merge(
-    x: Tensor, size: Tensor, prefix: int, metric: Tensor, importance: Tensor, r: int
+    x: Tensor,
+    size: Tensor,
+    prefix: int,
+    metric: Tensor,
+    importance: Tensor,
+    r: int,
+    suffix: int = 0,
+    stable: bool = False,
 ) -> Reduction:
     """Merge ``r`` tokens of ``x [B, N, C]`` by cross-guided ensemble (official ``merge``)."""
     b, n, c = x.shape
-    r = min(r, (n - prefix) // 2)
+    r = min(r, (n - prefix - suffix) // 2)
     if r <= 0:
         return identity(x, size)
-    src, dst_all, dst, weight = complete_graph_match(metric, importance, r, prefix)
+    src, dst_all, dst, weight = complete_graph_match(metric, importance, r, prefix, suffix, stable)
     weight = (2 * weight).to(x.dtype)  # official: weight *= weight.shape[-1]
     xs = x * size  # [B, N, C]
     x_dst = gather_tokens(xs, dst_all)  # [B, N - r, C]
@@ -132,11 +146,11 @@ class CrossGET(TokenReducer):
     where = "mid"
     test_configs: ClassVar[dict[str, dict]] = {"zero": {"r": 0}, "some": {"r": 4}}
 
-    def __init__(self, r: int = 0):
+    def __init__(self, r: int = 0, stable: bool = False):
         super().__init__()
         if r < 0:
             raise ValueError(f"r must be >= 0, got {r}")
-        self.r = r
+        self.r, self.stable = r, stable
 
     def budget(self, n: int, prefix: int) -> tuple[int, int]:
         kept = n - max(0, min(self.r, (n - prefix) // 2))
@@ -146,4 +160,6 @@ class CrossGET(TokenReducer):
         text = signals.state.get("text")
         guide = x[:, 0] if text is None else text.mean(1)  # [B, C]
         importance = cross_guided_importance(x, guide)
-        return crossget_merge(x, signals.size, signals.prefix, signals.keys, importance, self.r)
+        return crossget_merge(
+            x, signals.size, signals.prefix, signals.keys, importance, self.r, stable=self.stable
+        )

@@ -21,9 +21,11 @@ Deviations from the official code:
   block but the last two, plus ``LastLayerFusion`` in front of the last block);
   the official extra token pruned by the first router (``schedule[0] += 1``) is
   left to the caller.
-- Every prefix token is protected (the official code protects index 0 only);
-  kept tokens stay in their original order, where the official code reorders them
-  by score; the token set is the same.
+- Every prefix token is protected (the official code protects index 0 only).
+  As in the official ``Cropr.prune``, the kept tokens follow the prefix in
+  descending score order, and LLF restores the pruned ones in descending score
+  order; ``score_order=False`` keeps both in their original (spatial) order
+  instead (same token sets).
 - Training keeps the official hard pruning. Because the host ignores auxiliary
   losses, ``Reduction.mask`` is added: it equals 1 on every kept token in value,
   with the straight-through gradient of the router's softmax weights, so that a
@@ -61,14 +63,28 @@ def router_logits(x: Tensor, queries: Tensor, num_heads: int) -> Tensor:
     return q @ k.transpose(-1, -2)  # [B, H, M, N]
 
 
-def cropr_prune(x: Tensor, size: Tensor, scores: Tensor, r: int, prefix: int) -> Reduction:
-    """Keep the prefix and the ``N - prefix - r`` highest-``scores [B, N]`` tokens."""
-    n = x.shape[1]
+def cropr_prune(
+    x: Tensor, size: Tensor, scores: Tensor, r: int, prefix: int, score_order: bool = True
+) -> Reduction:
+    """Keep the prefix and the ``N - prefix - r`` highest-``scores [B, N]`` tokens.
+
+    With ``score_order`` (official) the kept tokens follow the prefix best first,
+    otherwise in their original order.
+    """
+    b, n, _ = x.shape
     r = max(0, min(r, n - prefix))
     if r == 0:
         return identity(x, size)
-    keep = scores[:, prefix:].topk(n - prefix - r, dim=1).indices + prefix  # [B, K]
-    return keep_tokens(x, size, prefix, keep)
+    keep = scores[:, prefix:].topk(n - prefix - r, dim=1).indices + prefix  # [B, K], best first
+    if not score_order:
+        return keep_tokens(x, size, prefix, keep)
+    pre = torch.arange(prefix, device=x.device).expand(b, prefix)
+    index = torch.cat([pre, keep], dim=1)  # [B, N - r]
+    assign = torch.full((b, n), -1, dtype=torch.long, device=x.device)
+    assign.scatter_(1, index, torch.arange(index.shape[1], device=x.device).expand(b, -1))
+    return Reduction(
+        x=gather_tokens(x, index), size=gather_tokens(size, index), index=index, assign=assign
+    )
 
 
 @register
@@ -94,12 +110,14 @@ class TokenCropr(TokenReducer):
         num_classes: int = 0,
         mlp_ratio: float = 4.0,
         fuse_last: bool = False,
+        score_order: bool = True,
     ):
         super().__init__()
         assert dim % num_heads == 0, "dim must be divisible by num_heads"
         if r < 0:
             raise ValueError(f"r must be >= 0, got {r}")
         self.r, self.num_heads, self.fuse_last = r, num_heads, fuse_last
+        self.score_order = score_order
         self.scale = (dim // num_heads) ** -0.5
         self.queries = nn.Parameter(torch.randn(num_queries, dim) * dim**-0.5)
         # The aggregation path exists only to train the router (the auxiliary head).
@@ -130,19 +148,26 @@ class TokenCropr(TokenReducer):
         if not self.training:
             with torch.no_grad():
                 scores = router_logits(x, self.queries.to(x.dtype), self.num_heads).sum((1, 2))
-            out = cropr_prune(x, signals.size, scores, self.r, prefix)
+            out = cropr_prune(x, signals.size, scores, self.r, prefix, self.score_order)
         else:
             # Stop-gradient: the router never sends gradients into the backbone.
             logits = router_logits(x.detach(), self.queries.to(x.dtype), self.num_heads)
             scores = logits.sum((1, 2))  # [B, N]
-            out = cropr_prune(x, signals.size, scores.detach(), self.r, prefix)
+            out = cropr_prune(x, signals.size, scores.detach(), self.r, prefix, self.score_order)
             if self.head is not None:
                 signals.state.setdefault(AUX_KEY, []).append(self.aux_logits(x.detach(), logits))
             weights = (scores.float() * self.scale).softmax(dim=-1).gather(1, out.index)
             out.mask = (1 + (weights - weights.detach())).to(x.dtype)  # exactly 1, ST grad
         if self.fuse_last and out.num_tokens < x.shape[1]:
             dropped = out.assign[:, prefix:] < 0  # [B, N - prefix]
-            order = dropped.to(torch.int8).argsort(dim=1, descending=True, stable=True)
+            # Dropped tokens first (stable), best first as the official ``x_p`` or in order.
+            order = torch.arange(dropped.shape[1], device=x.device).expand_as(dropped)
+            if self.score_order:
+                order = scores[:, prefix:].detach().argsort(dim=1, descending=True)
+            first = (
+                dropped.gather(1, order).to(torch.int8).argsort(dim=1, descending=True, stable=True)
+            )
+            order = order.gather(1, first)
             idx = order[:, : x.shape[1] - out.num_tokens] + prefix  # [B, r]
             stash = signals.state.setdefault(PRUNED_KEY, [])
             stash.append((gather_tokens(x, idx), gather_tokens(signals.size, idx)))

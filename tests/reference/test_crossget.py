@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from reference.core import Signals
-from reference.crossget import CrossGET
+from reference.crossget import CrossGET, crossget_merge
 from reference.llava import TINY, LlavaHost
 from tests.reference.conftest import (
     B,
@@ -15,6 +16,9 @@ from tests.reference.conftest import (
     make_signals,
     tokens,
 )
+from tests.reference.fixtures import load, tensor
+
+GOLDEN = load("crossget")
 
 C = 32
 
@@ -78,7 +82,7 @@ def test_matches_a_token_by_token_reading_of_the_official_code():
     x = tokens()
     signals = make_signals(x)
     signals.size = torch.randint(1, 4, (B, N, 1)).float()
-    out = CrossGET(r=5)(x, signals)
+    out = CrossGET(r=5, stable=True)(x, signals)  # the reading breaks ties by position
     guide = signals.state["text"].mean(1)
     importance = torch.nn.functional.cosine_similarity(x, guide[:, None], dim=-1)
     want_x, want_size, want_index = naive_crossget(x, signals.size, signals.keys, importance, 5, 1)
@@ -136,3 +140,36 @@ def test_llava_host_cached_decoding_equals_recomputation():
     state = {"text": torch.randn(B, 3, TINY.vision["embed_dim"], generator=g)}
     keys = assert_cached_decoding_matches(host, *llava_inputs(), state=state)
     assert keys == 2 + 16 - 4 + 5
+
+
+@pytest.mark.parametrize(
+    "case", GOLDEN["cases"], ids=lambda c: f"n{c['n']}-cls{int(c['class_token'])}-r{c['r']}"
+)
+def test_reproduces_the_official_crossget_golden_fixture(case):
+    """The official CLIP ``TokenReduction.forward``, guided by the last token's query; with
+    ``class_token`` it protects token 0 and the cross token (the last one)."""
+    x, metric, size = tensor(case["x"]), tensor(case["metric"]), tensor(case["size"])
+    query = tensor(case["query"])[:, -1]  # [B, D] the official guide
+    unit = torch.nn.functional.normalize
+    importance = (unit(metric, dim=-1) @ unit(query, dim=-1)[..., None])[..., 0]  # [B, N]
+    protect = int(case["class_token"])
+    out = crossget_merge(x, size, protect, metric, importance, case["r"], suffix=protect)
+    assert torch.equal(out.index, torch.tensor(case["kept_index"]))
+    torch.testing.assert_close(out.x, tensor(case["out_x"]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.size, tensor(case["out_size"]), atol=1e-5, rtol=1e-5)
+    src = torch.tensor(case["src_index"])  # [B, r]
+    destination = out.index.gather(1, out.assign.gather(1, src))
+    assert torch.equal(destination, torch.tensor(case["src_destination"]))
+
+
+def test_mutually_nearest_pairs_tie_and_stable_breaks_them_by_position():
+    """Fixture case 0: the official unstable sort orders a tie against position, so the
+    position rule (``stable=True``) merges a different token there."""
+    case = GOLDEN["cases"][0]
+    x, metric, size = tensor(case["x"]), tensor(case["metric"]), tensor(case["size"])
+    query = tensor(case["query"])[:, -1]
+    unit = torch.nn.functional.normalize
+    importance = (unit(metric, dim=-1) @ unit(query, dim=-1)[..., None])[..., 0]
+    out = crossget_merge(x, size, 1, metric, importance, case["r"], suffix=1, stable=True)
+    assert out.index.shape == torch.tensor(case["kept_index"]).shape
+    assert not torch.equal(out.index, torch.tensor(case["kept_index"]))

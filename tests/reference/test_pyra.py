@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from reference.pyra import PYRA
+from reference.pyra import PYRA, pyra_merge
 from reference.tome import bipartite_soft_matching, merge_wavg
 from tests.reference.conftest import C, make_signals, tokens
+from tests.reference.fixtures import load, tensor
+
+GOLDEN = load("pyra")
 
 
 def test_initialisation_is_exactly_tome():
@@ -59,3 +63,20 @@ def test_weights_stay_in_their_ranges():
     assert w_channel.shape == (2, 1, C) and w_token.shape == (2, 5, 1)
     assert (w_channel >= 0).all() and (w_channel <= 2).all()
     assert (w_token >= -1).all() and (w_token <= 1).all()
+
+
+@pytest.mark.parametrize("case", GOLDEN["cases"], ids=lambda c: f"n{c['n']}-prefix{c['prefix']}")
+def test_reproduces_the_official_pyra_merge_golden_fixture(case):
+    """The official ``merge_wavg(..., pyra_weight=(a, b, norm))`` with random learned weights:
+    same output slot for every input token, same merged tokens and sizes."""
+    x, size, metric = tensor(case["x"]), tensor(case["size"]), tensor(case["metric"])
+    norm = torch.nn.LayerNorm(x.shape[-1])
+    with torch.no_grad():
+        norm.weight.copy_(tensor(case["norm_weight"]))
+        norm.bias.copy_(tensor(case["norm_bias"]))
+        out = pyra_merge(
+            x, size, case["r"], case["prefix"], metric, tensor(case["a"]), tensor(case["b"]), norm
+        )
+    assert torch.equal(out.assign, torch.tensor(case["assign"]))
+    torch.testing.assert_close(out.x, tensor(case["out_x"]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.size, tensor(case["out_size"]), atol=1e-5, rtol=1e-5)
