@@ -317,6 +317,20 @@ def test_provisional_modules_are_marked_on_their_page_and_in_the_index(modules, 
     assert "[`tome`](tome.md)" in row
 
 
+def test_fixture_tested_modules_say_so_with_the_official_commit(modules, catalog, papers):
+    tome, dynamicvit = modules["tome"], modules["dynamicvit"]
+    assert tome.fixture["repo"].endswith("facebookresearch/ToMe") and dynamicvit.fixture is None
+    page = pages.reference_module_page(tome, papers["tome"], {}, vlm_results())
+    assert f"at commit `{tome.fixture['commit'][:7]}`" in page
+    assert "`tests/reference/fixtures/tome.json`" in page
+    other = pages.reference_module_page(dynamicvit, papers["dynamicvit"], {}, vlm_results())
+    assert "no golden fixture from it yet" in other
+    index = pages.reference_index_page(catalog, list(modules.values()), "")
+    rows = {line.split(" | ")[1]: line for line in index.splitlines() if line.startswith("| [")}
+    assert "([golden fixture](tome.md#fidelity))" in rows["[`tome`](tome.md)"]
+    assert "golden fixture" not in rows["[`dynamicvit`](dynamicvit.md)"]
+
+
 def test_source_listing_drops_only_the_module_docstring():
     source = '"""Title.\n\nBody with ``` fences.\n"""\n\nimport os\n\n\ndef f():\n    """Kept."""\n'
     module = rp.Module("m", "m", "", "mid", (), "official code", "", source)
@@ -342,7 +356,11 @@ def site(tmp_path_factory):
 def test_search_index_holds_reference_prose_but_not_source(site, modules):
     index = json.loads((site / "search" / "search_index.json").read_text(encoding="utf-8"))
     docs = [d for d in index["docs"] if d["location"].startswith("reference/tome/")]
-    assert {d["location"] for d in docs} == {"reference/tome/", "reference/tome/#timings"}
+    assert {d["location"] for d in docs} == {
+        "reference/tome/",
+        "reference/tome/#fidelity",
+        "reference/tome/#timings",
+    }
     text = " ".join(d["text"] for d in index["docs"])
     assert "Bipartite soft matching" in text or "bipartite soft matching" in text  # the docstring
     assert "def bipartite_soft_matching" not in text and "import torch" not in text

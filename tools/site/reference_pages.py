@@ -30,6 +30,9 @@ class Module:
     basis: str
     docstring: str
     source: str
+    # Provenance of the golden fixture the module's tests reproduce (repo, commit, file),
+    # or None: ``tests/reference/fixtures/<module>.json`` beside the reference package.
+    fixture: dict | None = None
 
     @property
     def provisional(self) -> bool:
@@ -181,9 +184,19 @@ def read_modules(reference_dir: Path) -> list[Module]:
                 basis=str(attrs.get("basis", "official code")),
                 docstring=_markdown(ast.get_docstring(tree) or ""),
                 source=source,
+                fixture=read_fixture(reference_dir, path.stem),
             )
         )
     return modules
+
+
+def read_fixture(reference_dir: Path, module: str) -> dict | None:
+    """Where the module's golden fixture came from: ``{"repo", "commit", "file"}``, or None."""
+    path = reference_dir.parent / "tests" / "reference" / "fixtures" / f"{module}.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return {key: str(data.get(key, "")) for key in ("repo", "commit", "file")}
 
 
 def package_docstring(reference_dir: Path) -> str:
