@@ -54,7 +54,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from reference.core import Reduction, Signals, TokenReducer, identity
+from reference.core import Reduction, Signals, TokenReducer, empty_batch, identity
 from reference.ops import cap_keep, keep_padded
 from reference.registry import register
 
@@ -146,9 +146,7 @@ class AViT(TokenReducer):
         b, n, _ = x.shape
         prefix, size = signals.prefix, signals.size
         if b == 0 and not self.training:  # an empty batch: the budget's shapes
-            k = self.budget(n, prefix)[0]
-            none = x.new_zeros(0, n, dtype=torch.long)
-            return Reduction(x[:, :k], signals.size[:, :k], none[:, :k], none)
+            return empty_batch(x, signals.size, self.budget(n, prefix)[0])
         state = signals.state.get("a_vit")
         if state is None or state["cumulative"].shape != (b, n):
             zeros = x.new_zeros(b, n, dtype=torch.float32)

@@ -57,7 +57,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from reference.core import Reduction, Signals, TokenReducer, identity
+from reference.core import Reduction, Signals, TokenReducer, empty_batch, identity
 from reference.ops import cap_keep, keep_padded
 from reference.registry import register
 
@@ -117,9 +117,7 @@ class AdaptiveSparseViT(TokenReducer):
     def forward(self, x: Tensor, signals: Signals) -> Reduction:
         prefix, size = signals.prefix, signals.size
         if x.shape[0] == 0 and not self.training:  # an empty batch: the budget's shapes
-            k = self.budget(x.shape[1], prefix)[0]
-            none = x.new_zeros(0, x.shape[1], dtype=torch.long)
-            return Reduction(x[:, :k], signals.size[:, :k], none[:, :k], none)
+            return empty_batch(x, signals.size, self.budget(x.shape[1], prefix)[0])
         score = head_weighted_cls_attention(signals.attn, signals.values)[:, prefix:]  # [B, M]
         present = size[:, prefix:, 0] > 0  # empty slots of an earlier step stay out
         if self.training:

@@ -50,7 +50,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from reference.core import Reduction, Signals, TokenReducer, gather_tokens, identity
+from reference.core import Reduction, Signals, TokenReducer, empty_batch, gather_tokens, identity
 from reference.registry import register
 
 
@@ -195,9 +195,7 @@ class ATS(TokenReducer):
         if k is None:
             return identity(x, signals.size)
         if x.shape[0] == 0:  # an empty batch: nothing to score; the budget's shapes
-            k = self.budget(x.shape[1], signals.prefix)[0]
-            none = x.new_zeros(0, x.shape[1], dtype=torch.long)
-            return Reduction(x[:, :k], signals.size[:, :k], none[:, :k], none)
+            return empty_batch(x, signals.size, self.budget(x.shape[1], signals.prefix)[0])
         n_ref = signals.state.setdefault("ats_init_n", m)
         if k >= m:  # the official path: as many levels as the initial image count
             k = max(n_ref, m)

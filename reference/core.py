@@ -88,6 +88,15 @@ def identity(x: Tensor, size: Tensor) -> Reduction:
     return Reduction(x=x, size=size, index=ar, assign=ar)
 
 
+def empty_batch(x: Tensor, size: Tensor, k: int) -> Reduction:
+    """The reduction of an empty batch ``x [0, N, C]``: ``k`` token slots, nothing to score.
+
+    ``k`` is the low end of the method's ``budget``, so the output shapes honour it.
+    """
+    none = x.new_zeros(0, x.shape[1], dtype=torch.long)
+    return Reduction(x[:, :k], size[:, :k], none[:, :k], none)
+
+
 def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     """``x [B, N, C]`` at ``index [B, K]`` -> ``[B, K, C]``."""
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from reference.core import Reduction, Signals, TokenReducer, identity, keep_tokens
+from reference.core import Reduction, Signals, TokenReducer, empty_batch, identity, keep_tokens
 from reference.llava import LlavaHost
 from reference.registry import register
 
@@ -124,9 +124,7 @@ class DyCoke(TokenReducer):
         if t < 2:
             return identity(x, signals.size)
         if b == 0:  # an empty batch: nothing to score; the budget's shapes
-            k = self.budget(n, prefix)[0]
-            none = x.new_zeros(0, n, dtype=torch.long)
-            return Reduction(x[:, :k], signals.size[:, :k], none[:, :k], none)
+            return empty_batch(x, signals.size, self.budget(n, prefix)[0])
         body = slice(prefix, prefix + t * p)
         keep, rep = ttm_plan(x[:, body].reshape(b, t, p, c), self.ratio)  # 'b (t p) c -> b t p c'
         keep_all = torch.cat([keep.flatten(1), keep.new_ones(b, n - body.stop)], 1)  # tail kept

@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from reference.core import Reduction, Signals, TokenReducer, gather_tokens, identity
+from reference.core import Reduction, Signals, TokenReducer, empty_batch, gather_tokens, identity
 from reference.llava import LLMReducer, LLMSignals
 from reference.registry import register
 
@@ -187,9 +187,7 @@ class FiCoCo(TokenReducer):
         if r == 0:
             return identity(x, signals.size)
         if b == 0:  # an empty batch: nothing to score; the budget's shapes
-            k = self.budget(n, prefix)[0]
-            none = x.new_zeros(0, n, dtype=torch.long)
-            return Reduction(x[:, :k], signals.size[:, :k], none[:, :k], none)
+            return empty_batch(x, signals.size, self.budget(n, prefix)[0])
         with torch.no_grad():
             logits = getattr(signals, "attn_logits", None)
             if logits is not None:  # the official scores: head-mean pre-softmax logits

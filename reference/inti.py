@@ -47,7 +47,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from reference.core import Reduction, Signals, TokenReducer, identity
+from reference.core import Reduction, Signals, TokenReducer, empty_batch, identity
 from reference.registry import register
 
 
@@ -152,9 +152,7 @@ class InTI(TokenReducer):
         if t < 2:
             return identity(x, signals.size)
         if b == 0:  # an empty batch: nothing to score; the budget's shapes
-            k = self.budget(n, prefix)[0]
-            none = x.new_zeros(0, n, dtype=torch.long)
-            return Reduction(x[:, :k], signals.size[:, :k], none[:, :k], none)
+            return empty_batch(x, signals.size, self.budget(n, prefix)[0])
         fused_len = t // 2 * 2 * p  # tokens that find a partner; the rest is the tail
         frames = x[:, prefix : prefix + t * p].reshape(b, t, p, c)  # 'b (t p) c -> b t p c'
         weights = pair_weights(self.predictor(frames))  # [B, T // 2, 2, P]

@@ -49,7 +49,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from reference.core import Reduction, Signals, TokenReducer, gather_tokens, identity
+from reference.core import Reduction, Signals, TokenReducer, empty_batch, gather_tokens, identity
 from reference.registry import register
 
 
@@ -178,9 +178,7 @@ class LearnableVTM(TokenReducer):
         if windows == 0 or r == 0:
             return identity(x, signals.size)
         if b == 0:  # an empty batch: nothing to score; the budget's shapes
-            k = self.budget(n, prefix)[0]
-            none = x.new_zeros(0, n, dtype=torch.long)
-            return Reduction(x[:, :k], signals.size[:, :k], none[:, :k], none)
+            return empty_batch(x, signals.size, self.budget(n, prefix)[0])
         saliency = self.saliency(x)[..., 0].sigmoid()  # [B, N]
         if self.training:
             # Auxiliary path (training only): saliency-guided attention; prefix keys

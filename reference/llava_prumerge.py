@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from reference.core import Reduction, Signals, TokenReducer, identity
+from reference.core import Reduction, Signals, TokenReducer, empty_batch, identity
 from reference.ops import descending_rank, iqr_outliers
 from reference.registry import register
 
@@ -241,9 +241,7 @@ class LLaVAPruMerge(TokenReducer):
         if m <= 1 or (self.keep_ratio is not None and self._fixed(m) >= m):
             return identity(x, signals.size)
         if x.shape[0] == 0:  # an empty batch: nothing to score; the budget's shapes
-            k = self.budget(x.shape[1], signals.prefix)[0]
-            none = x.new_zeros(0, x.shape[1], dtype=torch.long)
-            return Reduction(x[:, :k], signals.size[:, :k], none[:, :k], none)
+            return empty_batch(x, signals.size, self.budget(x.shape[1], signals.prefix)[0])
         cls_attn, keys = signals.cls_attn, signals.keys
         q, k = getattr(signals, "next_q", None), getattr(signals, "next_k", None)
         if self.signals == "next" and q is not None and k is not None:

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from reference import vit
-from reference.core import Reduction, Signals, TokenReducer, identity, keep_tokens
+from reference.core import Reduction, Signals, TokenReducer, empty_batch, identity, keep_tokens
 from reference.registry import register
 
 POS_KEY = "patch_slimming.positions"
@@ -141,9 +141,7 @@ class PatchSlimming(TokenReducer):
         if self.positions is None:
             return identity(x, signals.size)
         if b == 0:  # an empty batch: nothing to score; the budget's shapes
-            k = self.budget(n, prefix)[0]
-            none = x.new_zeros(0, n, dtype=torch.long)
-            return Reduction(x[:, :k], signals.size[:, :k], none[:, :k], none)
+            return empty_batch(x, signals.size, self.budget(n, prefix)[0])
         pos = signals.state.get(POS_KEY)
         if pos is None or pos.shape != (b, n):
             pos = torch.arange(n, device=x.device).expand(b, n)

@@ -61,7 +61,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from reference.core import Reduction, Signals, TokenReducer, identity
+from reference.core import Reduction, Signals, TokenReducer, empty_batch, identity
 from reference.ops import keep_padded
 from reference.registry import register
 
@@ -178,9 +178,7 @@ class RLT(TokenReducer):
         if t < 2:
             return identity(x, signals.size)
         if b == 0:  # an empty batch: nothing to score; the budget's shapes
-            k = self.budget(n, prefix)[0]
-            none = x.new_zeros(0, n, dtype=torch.long)
-            return Reduction(x[:, :k], signals.size[:, :k], none[:, :k], none)
+            return empty_batch(x, signals.size, self.budget(n, prefix)[0])
         body = slice(prefix, prefix + t * p)
         frames = x[:, body].reshape(b, t, p, c)  # 'b (t p) c -> b t p c'
         keep = static_keep(frame_differences(frames), self.threshold, self.max_keep)  # [B, T, P]

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from reference.core import Reduction, Signals, TokenReducer, identity
+from reference.core import Reduction, Signals, TokenReducer, empty_batch, identity
 from reference.ops import iqr_outliers, keep_padded
 from reference.registry import register
 
@@ -139,9 +139,7 @@ class TokenCorrCompression(TokenReducer):
         if m == 0:  # no patch to select
             return identity(x, signals.size)
         if x.shape[0] == 0:  # an empty batch: nothing to score; the budget's shapes
-            k = self.budget(x.shape[1], prefix)[0]
-            none = x.new_zeros(0, x.shape[1], dtype=torch.long)
-            return Reduction(x[:, :k], signals.size[:, :k], none[:, :k], none)
+            return empty_batch(x, signals.size, self.budget(x.shape[1], prefix)[0])
         with torch.no_grad():
             density = information_density(signals.keys[:, prefix:], self.threshold, self.limit)
             counts = (density * m - 1e-4).ceil().long().clamp(1, self.cap(m))  # [B]

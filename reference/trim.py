@@ -47,7 +47,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from reference.core import Reduction, Signals, TokenReducer, gather_tokens, identity
+from reference.core import Reduction, Signals, TokenReducer, empty_batch, gather_tokens, identity
 from reference.ops import iqr_outliers
 from reference.registry import register
 
@@ -186,7 +186,5 @@ class TRIM(TokenReducer):
         if x.shape[1] == signals.prefix:  # no patch to select
             return identity(x, signals.size)
         if x.shape[0] == 0:  # an empty batch: nothing to score; the budget's shapes
-            k = self.budget(x.shape[1], signals.prefix)[0]
-            none = x.new_zeros(0, x.shape[1], dtype=torch.long)
-            return Reduction(x[:, :k], signals.size[:, :k], none[:, :k], none)
+            return empty_batch(x, signals.size, self.budget(x.shape[1], signals.prefix)[0])
         return trim_reduce(x, signals.size, text, signals.prefix, self.ratio, self.negate)

@@ -40,7 +40,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from reference.core import Reduction, Signals, TokenReducer, identity, keep_tokens
+from reference.core import Reduction, Signals, TokenReducer, empty_batch, identity, keep_tokens
 from reference.registry import register
 
 POS_KEY = "vit_slim.positions"
@@ -109,9 +109,7 @@ class ViTSlim(TokenReducer):
         b, n, _ = x.shape
         prefix = signals.prefix
         if b == 0 and not self.training:  # an empty batch: the budget's shapes
-            k = self.budget(n, prefix)[0]
-            none = x.new_zeros(0, n, dtype=torch.long)
-            return Reduction(x[:, :k], signals.size[:, :k], none[:, :k], none)
+            return empty_batch(x, signals.size, self.budget(n, prefix)[0])
         pos = positions(signals, n, b, x.device)
         if self.training:
             mask = self.soft_mask().to(x.dtype)[pos]  # [B, N]
