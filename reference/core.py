@@ -36,6 +36,10 @@ class Signals:
             a host gives them only where the hook's output is the next block's
             input (the LLaVA host's vision hook, when a block follows it).
         next_k: ``[B, N, C]`` the next block's full-width key projection (as ``next_q``).
+        present: ``[B, N]`` bool, False for an empty slot that an earlier reduction
+            padded a sample with (see ``Reduction.mask``); None when every token is
+            present. A method whose statistics run over all tokens (a softmax, a
+            quantile) leaves empty slots out, so a sample never depends on its batch.
         layer: index of the block the hook belongs to.
         state: per-forward scratch space a method may use to carry its own
             state across layers (e.g. A-ViT's halting scores, a keep mask).
@@ -50,6 +54,7 @@ class Signals:
     values: Tensor | None = None
     next_q: Tensor | None = None
     next_k: Tensor | None = None
+    present: Tensor | None = None
     layer: int = 0
     state: dict = field(default_factory=dict)
 
@@ -66,8 +71,11 @@ class Reduction:
             the step created (a fused or summary token).
         assign: ``[B, N]`` for each input token, the output slot it went into;
             ``-1`` when it was dropped without being merged anywhere.
-        mask: ``[B, N']`` soft or hard keep weights for training paths that keep
-            the token count fixed (DynamicViT's Gumbel mask); None otherwise.
+        mask: ``[B, N']`` keep weights: 0 for the empty slots that pad a sample
+            to the batch's largest count, or soft/hard weights for training paths
+            that keep the token count fixed (DynamicViT's Gumbel mask); None when
+            every output token is present. The hosts leave masked tokens out of
+            attention.
     """
 
     x: Tensor

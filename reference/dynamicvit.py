@@ -24,9 +24,11 @@ Deviations from the official code:
   ``int(196 * 0.7 ** s)`` keeps 137/96/67, as the official code; a per-stage 0.7 of
   the tokens entering each stage (``relative=True``) would keep 137/95/66.
   ``budget()`` sees only the current count, so it is exact for a first stage.
-- Training: the host cannot mask attention, so ``Reduction.mask`` carries the
-  straight-through hard decisions (prefix 1) for a host that applies them as the
-  attention policy; x is returned unchanged. The decision mask D is carried across
+- Training: ``Reduction.mask`` carries the straight-through hard decisions
+  (prefix 1) and x is returned unchanged; the ViT host applies the mask as the
+  official attention policy (``softmax_with_policy``, ``reference.vit``) in every
+  later block, so dropped tokens are masked out of attention and the count stays
+  fixed. The decision mask D is carried across
   stages in ``signals.state["dynamicvit"]``; every stage's decisions are collected
   in its ``"decisions"`` list for the keep-ratio loss. The losses (keep ratio,
   distillation of logits and tokens) are not implemented.

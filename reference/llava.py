@@ -6,7 +6,9 @@ lengths are right-padded; ``valid`` masks the padding out of every attention.
 
 Hooks:
 - ``vision``: a ViT ``TokenReducer`` applied to the vision tower's features at
-  the selected layer (CLS included as prefix; LLaVA then drops CLS), with the
+  the selected layer (CLS included as prefix; LLaVA then drops CLS; the empty
+  slots of a reducer that pads samples to one count, ``Reduction.mask`` 0, are
+  padding to the language model, like the instruction's), with the
   CLS attention row and keys of that layer (FasterVLM, VisionZip), and, for a
   reducer that names them in ``needs``, that layer's full maps and pre-softmax
   logits (FiCoCo-V) and the next block's full-width query and key projections
@@ -302,6 +304,13 @@ class LlavaHost(nn.Module):
                 x = reduction.x
         return self.mm_projector(x[:, 1:]), reduction
 
+    @staticmethod
+    def _image_valid(vis: Tensor, reduction: Reduction | None) -> Tensor:
+        """``[B, Nv']`` False for the empty slots a vision reducer padded a sample with."""
+        if reduction is None or reduction.mask is None:
+            return torch.ones(vis.shape[:2], dtype=torch.bool, device=vis.device)
+        return reduction.mask[:, 1:] > 0
+
     # -- language model -------------------------------------------------------
     def _mask(self, valid_q: Tensor, valid_k: Tensor, causal_offset: int) -> Tensor:
         """``[B, 1, Nq, Nk]``: causal by sequence index, padding keys masked."""
@@ -336,11 +345,12 @@ class LlavaHost(nn.Module):
         """
         state = {} if state is None else dict(state)
         self.last_state = state
-        vis, _ = self.encode_images(images, state)
+        vis, reduction = self.encode_images(images, state)
         b, device = vis.shape[0], vis.device
         parts = [self.embed_tokens(prefix_ids), vis, self.embed_tokens(suffix_ids)]
         valid_parts = [
-            torch.ones(b, prefix_ids.shape[1] + vis.shape[1], dtype=torch.bool, device=device),
+            torch.ones(b, prefix_ids.shape[1], dtype=torch.bool, device=device),
+            self._image_valid(vis, reduction),
             suffix_valid.bool(),
         ]
         if extra_ids is not None:

@@ -34,9 +34,11 @@ Deviations from the official code:
   Python over samples and kept tokens. Here each image gets its own count; the batch is padded
   to the largest count with that image's best *pruned* tokens, merged the same way,
   after its extra token (``Reduction.mask`` 0). A filler token still counts as
-  pruned inside the extra token (so every image gets what it gets alone), and keeps
-  its own ``size``; the extra token's ``size`` is the sum over the pruned tokens
-  that are not fillers.
+  pruned inside the extra token (so every image gets what it gets alone): its
+  ``index`` is -1, its ``size`` 0, and its input token's ``assign`` is the extra
+  token, whose ``size`` is the sum over all the pruned tokens. The hosts leave
+  fillers out of attention, and a later PruMerge step scores each image on its own
+  present tokens (``Signals.present``).
 - Kept tokens are returned in spatial order, then the extra token; the official
   code orders them by attention (then the grid tokens, for PruMerge+).
 - The kept count is the outlier count itself (the official ``int(N * count / N)``
@@ -61,7 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reference.core import Reduction, Signals, TokenReducer, empty_batch, identity
-from reference.ops import descending_rank, iqr_outliers
+from reference.ops import descending_rank, each_present_sample, iqr_outliers, sample_signals
 from reference.registry import register
 
 
@@ -157,17 +159,22 @@ def prumerge(
     extra_slot = (prefix + count)[:, None]  # [B, 1]
     out = out.scatter(1, extra_slot[..., None].expand(-1, -1, c), extra)
 
+    # A filler continues no input token (the pruned token it copies went into the
+    # extra token), has size 0 and index -1: the image's tokens are what it gets alone.
+    real = ar < count[:, None]  # [B, W]
     pre = torch.arange(prefix, device=device).expand(b, prefix)
     index = torch.full((b, out_n), -1, dtype=torch.long, device=device)
     index[:, :prefix] = pre
-    index = index.scatter(1, slot, sel + prefix)
+    index = index.scatter(1, slot, torch.where(real, sel + prefix, -1))
     assign = torch.cat([pre, (prefix + count)[:, None].expand(b, m)], 1)  # pruned -> extra
-    assign = assign.scatter(1, sel + prefix, slot)
+    kept_slot = torch.where(real, slot, (prefix + count)[:, None])
+    assign = assign.scatter(1, sel + prefix, kept_slot)
     new_size = size.new_zeros(b, out_n, 1)
     new_size[:, :prefix] = size[:, :prefix]
-    new_size = new_size.scatter(1, slot[..., None], size[:, prefix:].gather(1, sel[..., None]))
-    absorbed = (assign[:, prefix:] == extra_slot).to(size.dtype)  # [B, M]
-    extra_size = (absorbed[..., None] * size[:, prefix:]).sum(1, keepdim=True)  # [B, 1, 1]
+    kept_size = size[:, prefix:].gather(1, sel[..., None]) * real[..., None]
+    new_size = new_size.scatter(1, slot[..., None], kept_size)
+    pruned = (~keep).to(size.dtype)  # [B, M]
+    extra_size = (pruned[..., None] * size[:, prefix:]).sum(1, keepdim=True)  # [B, 1, 1]
     new_size = new_size.scatter(1, extra_slot[..., None], extra_size)
     mask = None
     if bool((count < width).any()):
@@ -242,6 +249,14 @@ class LLaVAPruMerge(TokenReducer):
             return identity(x, signals.size)
         if x.shape[0] == 0:  # an empty batch: nothing to score; the budget's shapes
             return empty_batch(x, signals.size, self.budget(x.shape[1], signals.prefix)[0])
+        present = signals.present
+        if present is not None and not bool(present.all()):  # after an earlier padded step
+            return each_present_sample(
+                x,
+                signals.size,
+                present,
+                lambda i, t: self(x[i : i + 1, t], sample_signals(signals, i, t)),
+            )
         cls_attn, keys = signals.cls_attn, signals.keys
         q, k = getattr(signals, "next_q", None), getattr(signals, "next_k", None)
         if self.signals == "next" and q is not None and k is not None:

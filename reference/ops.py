@@ -10,10 +10,13 @@ another paper's module only where that paper builds on it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
-from reference.core import Reduction, gather_tokens
+from reference.core import Reduction, Signals, gather_tokens
 
 
 def descending_rank(score: Tensor) -> Tensor:
@@ -130,4 +133,79 @@ def keep_image_tokens(
     size = torch.ones(b, n, 1, dtype=h.dtype, device=device) if size is None else size
     return Reduction(
         x=gather_tokens(h, index), size=gather_tokens(size, index), index=index, assign=assign
+    )
+
+
+def each_present_sample(
+    x: Tensor, size: Tensor, present: Tensor, reduce_one: Callable[[int, Tensor], Reduction]
+) -> Reduction:
+    """Reduce each sample on its present tokens alone, and pad the results together.
+
+    For a method whose statistics run over all of a sample's tokens (a softmax, a
+    quantile), so that the empty slots an earlier reduction padded with change nothing.
+
+    Args:
+        x: ``[B, N, C]`` tokens.
+        size: ``[B, N, 1]`` token sizes.
+        present: ``[B, N]`` bool, False for empty slots (never a prefix token).
+        reduce_one: ``reduce_one(i, tokens)`` reduces sample ``i`` restricted to
+            ``tokens [N_i]`` (indices into ``x[i]``, in order) and returns the
+            ``Reduction`` of that ``[1, N_i, C]`` input.
+
+    Returns:
+        A ``Reduction`` over ``x``: each sample's output padded to the largest with
+        empty slots (x 0, size 0, index -1, mask 0); ``mask`` is None when no sample
+        is padded. Indices refer to ``x``'s own token positions.
+    """
+    b, n, c = x.shape
+    parts = []
+    for i in range(b):
+        tokens = present[i].nonzero()[:, 0]
+        out = reduce_one(i, tokens)
+        index = torch.where(out.index[0] >= 0, tokens[out.index[0].clamp_min(0)], -1)
+        assign = torch.full((n,), -1, dtype=torch.long, device=x.device)
+        assign[tokens] = out.assign[0]
+        mask = out.mask[0] if out.mask is not None else out.x.new_ones(out.x.shape[1])
+        parts.append((out.x[0], out.size[0], index, assign, mask))
+    width = max(p[0].shape[0] for p in parts)
+    xs = x.new_zeros(b, width, c)
+    sizes = size.new_zeros(b, width, 1)
+    index = torch.full((b, width), -1, dtype=torch.long, device=x.device)
+    mask = x.new_zeros(b, width)
+    for i, (xi, si, ii, _, mi) in enumerate(parts):
+        k = xi.shape[0]
+        xs[i, :k], sizes[i, :k], index[i, :k], mask[i, :k] = xi, si, ii, mi
+    assign = torch.stack([p[3] for p in parts])
+    return Reduction(
+        x=xs, size=sizes, index=index, assign=assign, mask=None if bool(mask.all()) else mask
+    )
+
+
+def sample_signals(signals: Signals, i: int, tokens: Tensor, state: dict | None = None) -> Signals:
+    """``signals`` of sample ``i`` restricted to ``tokens [N_i]`` (for ``each_present_sample``).
+
+    Every per-token signal is sliced; ``state`` replaces the scratch space (default
+    empty: a method passes on the entries it reads, sliced as they need).
+    """
+
+    def cut(t: Tensor | None, dims: tuple[int, ...]) -> Tensor | None:
+        if t is None:
+            return None
+        t = t[i : i + 1]
+        for d in dims:
+            t = t.index_select(d, tokens)
+        return t
+
+    return replace(
+        signals,
+        size=cut(signals.size, (1,)),
+        keys=cut(signals.keys, (1,)),
+        cls_attn=cut(signals.cls_attn, (2,)),
+        attn=cut(signals.attn, (2, 3)),
+        attn_logits=cut(signals.attn_logits, (2, 3)),
+        values=cut(signals.values, (2,)),
+        next_q=cut(signals.next_q, (1,)),
+        next_k=cut(signals.next_k, (1,)),
+        present=None,
+        state={} if state is None else state,
     )

@@ -39,7 +39,15 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from reference.core import Reduction, Signals, TokenReducer, gather_tokens, identity, keep_tokens
+from reference.core import (
+    Reduction,
+    Signals,
+    TokenReducer,
+    empty_batch,
+    gather_tokens,
+    identity,
+    keep_tokens,
+)
 from reference.registry import register
 from reference.tome import merge_wavg
 
@@ -95,6 +103,8 @@ def ppt_reduce(
     r = min(r, (n - prefix) // 2)  # ToMe merges at most half of the tokens
     if r <= 0:
         return identity(x, size), torch.zeros(b, dtype=torch.bool, device=x.device)
+    if b == 0:  # an empty batch: nothing to score (a variance over no image warns)
+        return empty_batch(x, size, n - r), torch.zeros(0, dtype=torch.bool, device=x.device)
     with torch.no_grad():
         score = significance(cls_attn.float(), values.float(), prefix)  # [B, N - prefix]
         pooled = score.var(dim=1) < threshold  # [B], Sec. 3.4's redundancy criterion

@@ -36,8 +36,9 @@ Deviations from the paper:
   the largest count with empty slots (x 0, size 0, index -1, ``Reduction.mask``
   0) after each image's own tokens (``reference.ops.keep_padded``). The official
   integration in mPLUG-DocOwl1.5 (cropping, the global thumbnail, the H-Reducer
-  that follows) is not modelled; on the LLaVA host the language model sees empty
-  slots as (projected zero) image tokens.
+  that follows) is not modelled. The hosts leave empty slots out of attention
+  (the LLaVA host marks them as padding), and a later step of this method scores
+  each image on its own present tokens (``Signals.present``).
 - Prefix tokens (CLS) are kept and excluded from every statistic.
 """
 
@@ -51,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reference.core import Reduction, Signals, TokenReducer, empty_batch, identity
-from reference.ops import iqr_outliers, keep_padded
+from reference.ops import each_present_sample, iqr_outliers, keep_padded, sample_signals
 from reference.registry import register
 
 
@@ -140,6 +141,15 @@ class TokenCorrCompression(TokenReducer):
             return identity(x, signals.size)
         if x.shape[0] == 0:  # an empty batch: nothing to score; the budget's shapes
             return empty_batch(x, signals.size, self.budget(x.shape[1], prefix)[0])
+        present = signals.present
+        if present is not None and not bool(present.all()):  # after an earlier padded step
+            local = signals.state.get("local_attn")
+
+            def one(i: int, t: Tensor) -> Reduction:
+                state = {} if local is None else {"local_attn": local[i : i + 1, t]}
+                return self(x[i : i + 1, t], sample_signals(signals, i, t, state))
+
+            return each_present_sample(x, signals.size, present, one)
         with torch.no_grad():
             density = information_density(signals.keys[:, prefix:], self.threshold, self.limit)
             counts = (density * m - 1e-4).ceil().long().clamp(1, self.cap(m))  # [B]

@@ -31,7 +31,9 @@ Deviations from the official code:
   the batch is padded to the largest count with that image's best-scoring
   dropped patches after its aggregated token (``Reduction.mask`` 0 marks them;
   their ``index`` is -1, since each of those patches went into the aggregated
-  token). A batch of equal counts has no filler.
+  token). A batch of equal counts has no filler. The hosts leave the filler out of
+  attention, and a later TRIM step scores each image on its own present tokens
+  (``Signals.present``).
 - The kept count is the number of outliers itself (the official code rounds
   ``int(N * count / N)``, which float error can lower by one). With every patch
   kept there is no aggregated token (the official code would index past the end).
@@ -48,7 +50,7 @@ import torch
 from torch import Tensor
 
 from reference.core import Reduction, Signals, TokenReducer, empty_batch, gather_tokens, identity
-from reference.ops import iqr_outliers
+from reference.ops import each_present_sample, iqr_outliers
 from reference.registry import register
 
 
@@ -187,4 +189,19 @@ class TRIM(TokenReducer):
             return identity(x, signals.size)
         if x.shape[0] == 0:  # an empty batch: nothing to score; the budget's shapes
             return empty_batch(x, signals.size, self.budget(x.shape[1], signals.prefix)[0])
+        present = signals.present
+        if present is not None and not bool(present.all()):  # after an earlier padded step
+            return each_present_sample(
+                x,
+                signals.size,
+                present,
+                lambda i, t: trim_reduce(
+                    x[i : i + 1, t],
+                    signals.size[i : i + 1, t],
+                    text[i : i + 1],
+                    signals.prefix,
+                    self.ratio,
+                    self.negate,
+                ),
+            )
         return trim_reduce(x, signals.size, text, signals.prefix, self.ratio, self.negate)

@@ -14,7 +14,17 @@ register tokens, eval-mode dropout):
   a ``"mid"`` hook's output is not yet the next block's input (the MLP follows);
   a method that asks for them gets None;
 - proportional attention (ToMe, Eq. 1): ``softmax(q k^T / sqrt(d) + log s)``
-  with ``s`` the token sizes, switched on by ``proportional_attn``.
+  with ``s`` the token sizes, switched on by ``proportional_attn``;
+- a key-padding mask: a method that keeps a different number of tokens per
+  sample pads each to the batch's largest count with empty slots and marks them
+  0 in ``Reduction.mask``; the host carries that mask through later reductions
+  and leaves masked keys out of every attention (each token still attends to
+  itself, so no row is empty), so a sample's result never depends on its
+  batch-mates. A soft mask, or one that carries a gradient (DynamicViT's and
+  A-ViT's training paths), is applied as DynamicViT's attention policy
+  (``models/dyvit.py``, ``softmax_with_policy``): the exponentiated logits are
+  weighted by the mask, self-attention always counting, and renormalised with
+  the official ``eps = 1e-6``.
 """
 
 from __future__ import annotations
@@ -46,18 +56,29 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(
-        self, x: Tensor, size: Tensor | None, needs: frozenset[str]
+        self,
+        x: Tensor,
+        size: Tensor | None,
+        needs: frozenset[str],
+        keep: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``keep [B, N]``: key weights in [0, 1], None when every token is present."""
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, H, N, D]
         bias = size.log().to(q.dtype)[:, None, None, :, 0] if size is not None else None
+        policy = None
+        if keep is not None and is_hard(keep):
+            masked = key_padding_bias(keep, q.dtype)  # [B, 1, N, N]
+            bias = masked if bias is None else bias + masked
+        elif keep is not None:
+            policy = keep
         signals: dict[str, Tensor] = {}
-        if "attn" in needs or "attn_logits" in needs:
+        if policy is not None or "attn" in needs or "attn_logits" in needs:
             logits = (q * self.scale) @ k.transpose(-2, -1)  # [B, H, N, N]
             if bias is not None:
                 logits = logits + bias
-            attn = logits.softmax(dim=-1)
+            attn = logits.softmax(dim=-1) if policy is None else softmax_with_policy(logits, policy)
             out = attn @ v
             signals["attn"] = attn
             signals["cls_attn"] = attn[:, :, 0]
@@ -69,13 +90,59 @@ class Attention(nn.Module):
                 with torch.no_grad():
                     logits = (q[:, :, :1] * self.scale) @ k.transpose(-2, -1)  # [B, H, 1, N]
                     if bias is not None:
-                        logits = logits + bias
+                        logits = logits + bias[:, :, :1]
                     signals["cls_attn"] = logits.softmax(dim=-1)[:, :, 0]  # [B, H, N]
         if "keys" in needs:
             signals["keys"] = k.mean(dim=1)  # [B, N, D]
         if "values" in needs:
             signals["values"] = v
         return self.proj(out.transpose(1, 2).reshape(b, n, c)), signals
+
+
+def is_hard(keep: Tensor) -> bool:
+    """Whether a key mask is a plain present/absent mask (0 or 1, no gradient)."""
+    return not keep.requires_grad and bool(((keep == 0) | (keep == 1)).all())
+
+
+def key_padding_bias(keep: Tensor, dtype: torch.dtype) -> Tensor:
+    """``[B, 1, N, N]`` additive bias: -inf where the key is absent, except on the diagonal."""
+    n = keep.shape[1]
+    eye = torch.eye(n, dtype=torch.bool, device=keep.device)
+    allowed = (keep > 0)[:, None, None, :] | eye  # [B, 1, N, N]
+    return torch.zeros(allowed.shape, dtype=dtype, device=keep.device).masked_fill(
+        ~allowed, -torch.inf
+    )
+
+
+def softmax_with_policy(logits: Tensor, keep: Tensor, eps: float = 1e-6) -> Tensor:
+    """DynamicViT's attention policy: softmax with each key weighted by ``keep [B, N]``.
+
+    A token always counts for its own query; ``eps`` keeps a fully masked row finite.
+    Computed in float32, returned in the logits' dtype.
+    """
+    n = logits.shape[-1]
+    eye = torch.eye(n, dtype=torch.float32, device=logits.device)
+    w = keep.float()[:, None, None, :]
+    w = w + (1.0 - w) * eye  # [B, 1, N, N]
+    e = (logits.float() - logits.float().amax(dim=-1, keepdim=True)).exp() * w
+    return ((e + eps / n) / (e.sum(dim=-1, keepdim=True) + eps)).to(logits.dtype)
+
+
+def keep_after(keep: Tensor | None, result: Reduction) -> Tensor | None:
+    """The key mask after a reduction: its own ``mask``, else the previous one carried
+    through ``result.index`` (a token the step created is present when its size is not 0).
+    None when every token is present."""
+    if result.mask is not None:
+        new = result.mask
+    elif keep is None:
+        return None
+    else:
+        index = result.index
+        carried = keep.gather(1, index.clamp_min(0))
+        new = torch.where(index >= 0, carried, (result.size[..., 0] > 0).to(keep.dtype))
+    if new.requires_grad or not bool((new == 1).all()):
+        return new
+    return None
 
 
 class Mlp(nn.Module):
@@ -107,7 +174,7 @@ class Block(nn.Module):
             reducer = None
         needs = reducer.needs if reducer is not None else frozenset()
         size = ctx.size if ctx.proportional else None
-        out, signals = self.attn(self.norm1(x), size, needs)
+        out, signals = self.attn(self.norm1(x), size, needs, ctx.keep)
         x = x + out
         if reducer is not None:
             x = ctx.apply(reducer, x, signals)
@@ -125,15 +192,22 @@ class HostState:
         self.layer = 0
         self.reductions: list[Reduction] = []
         self.state: dict = {}
+        self.keep: Tensor | None = None  # [B, N] key-padding mask; None: all present
 
     def apply(self, reducer: TokenReducer, x: Tensor, signals: dict[str, Tensor]) -> Tensor:
         result = reducer(
             x,
             Signals(
-                prefix=self.prefix, size=self.size, layer=self.layer, state=self.state, **signals
+                prefix=self.prefix,
+                size=self.size,
+                layer=self.layer,
+                state=self.state,
+                present=None if self.keep is None else self.keep > 0,
+                **signals,
             ),
         )
         self.size = result.size
+        self.keep = keep_after(self.keep, result)
         self.reductions.append(result)
         if self.proportional_wanted and result.num_tokens != x.shape[1]:
             self.proportional = True

@@ -131,3 +131,43 @@ def test_runs_as_the_llava_hosts_vision_stage_with_a_consistent_cache(entry):
     state = {"text": torch.randn(3, 4, TINY.vision["embed_dim"])}
     keys = assert_cached_decoding_matches(host, *llava_inputs(), state=state)
     assert keys < 2 + 16 + 5
+
+
+def _images(b: int = B, seed: int = 1) -> torch.Tensor:
+    return torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("proportional", [False, True], ids=["plain", "proportional"])
+@torch.no_grad()
+def test_host_logits_of_a_sample_do_not_depend_on_its_batch_mates(entry, proportional):
+    """Reducing at two blocks, each image's logits equal those it gets alone: the
+    empty slots that pad variable counts are masked out of every attention."""
+    host = tiny_host()
+    reducers = {1: build(entry.cls, "some"), 2: build(entry.cls, "some")}
+    vit.apply(host, reducers, proportional_attn=proportional)
+    images = _images()
+    together = host(images)
+    for i in range(B):
+        alone = host(images[i : i + 1])
+        torch.testing.assert_close(together[i], alone[0], rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_llava_vision_stage_logits_of_a_sample_do_not_depend_on_its_batch_mates(entry):
+    from reference.llava import TINY, LlavaHost
+
+    torch.manual_seed(0)
+    host = LlavaHost(TINY).eval().apply(vision=build(entry.cls, "some"))
+    text = torch.randn(B, 4, TINY.vision["embed_dim"])
+    images, prefix, suffix, valid = llava_inputs()
+    together, _ = host.prefill(images, prefix, suffix, valid, state={"text": text})
+    for i in range(B):
+        n = int(valid[i].sum())
+        alone, _ = host.prefill(
+            images[i : i + 1],
+            prefix[i : i + 1],
+            suffix[i : i + 1, :n],
+            valid[i : i + 1, :n],
+            state={"text": text[i : i + 1]},
+        )
+        torch.testing.assert_close(alone[0], together[i], rtol=1e-4, atol=1e-5)

@@ -84,10 +84,14 @@ def test_unequal_counts_are_padded_with_the_best_pruned_tokens():
     assert out.mask is not None
     assert out.mask.sum(1).tolist() == [1 + 1 + 1, 1 + 3 + 1, 1 + 2 + 1]
     a = s.cls_attn.mean(1)[:, 1:]
-    # image 0 keeps one token, then its extra token, then its 2nd and 3rd best tokens
+    # image 0 keeps one token, then its extra token, then fillers made from its 2nd
+    # and 3rd best tokens, which went into the extra token: index -1, size 0
     best = a[0].topk(3).indices + 1
     assert out.index[0, 1] == best[0] and out.index[0, 2] == -1
-    assert out.index[0, 3:].tolist() == best[1:].tolist()
+    assert out.index[0, 3:].tolist() == [-1, -1] and (out.size[0, 3:] == 0).all()
+    assert out.assign[0, best[1:]].tolist() == [2, 2]
+    # the extra token's size counts every pruned token, fillers' sources included
+    assert out.size[0, 2, 0] == 16 - 1 and out.size.sum(1).squeeze(1).tolist() == [17.0] * 3
 
 
 def test_plus_adds_a_uniform_grid_to_the_outliers():

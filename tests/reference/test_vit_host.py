@@ -128,3 +128,76 @@ def test_the_vit_host_gives_no_next_block_projections():
     (seen,) = method.seen
     assert seen.next_q is None and seen.next_k is None
     assert seen.attn_logits.shape == (2, 4, 17, 17)
+
+
+def test_a_masked_key_changes_no_present_token():
+    """Tokens marked absent in the key mask get no attention, on every signal path:
+    present tokens come out as if the absent ones were not there at all."""
+    host = tiny_host(depth=1)
+    attn = host.blocks[0].attn
+    x = torch.randn(2, 9, 32)
+    size = torch.rand(2, 9, 1) + 0.5
+    keep = torch.ones(2, 9)
+    keep[0, 6:] = 0  # sample 0: its last three tokens are empty slots
+    for needs in [frozenset(), frozenset({"cls_attn"}), frozenset({"attn_logits"})]:
+        out, sig = attn(x, size, needs, keep)
+        alone, alone_sig = attn(x[:1, :6], size[:1, :6], needs)
+        torch.testing.assert_close(out[0, :6], alone[0], rtol=1e-5, atol=1e-6)
+        plain, _ = attn(x[1:], size[1:], needs)
+        torch.testing.assert_close(out[1], plain[0], rtol=1e-5, atol=1e-6)
+        if "cls_attn" in sig:
+            torch.testing.assert_close(sig["cls_attn"][0, :, :6], alone_sig["cls_attn"][0])
+            assert (sig["cls_attn"][0, :, 6:] == 0).all()
+        assert torch.isfinite(out).all()  # an absent query still attends to itself
+
+
+def test_a_soft_mask_is_dynamicvits_attention_policy():
+    """A mask with a gradient (DynamicViT's training path) weights the exponentiated
+    logits, a token's own key always counting, with the official eps = 1e-6."""
+    host = tiny_host(depth=1)
+    attn = host.blocks[0].attn
+    x = torch.randn(2, 7, 32)
+    keep = torch.tensor([[1.0, 1, 0, 1, 0, 1, 1], [1.0, 0, 1, 1, 1, 0, 1]], requires_grad=True)
+    out, sig = attn(x, None, frozenset({"attn"}), keep)
+    q, k, _ = attn.qkv(x).reshape(2, 7, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    logits = q @ k.transpose(-1, -2) * 8**-0.5
+    w = keep.detach()[:, None, None, :] * (1 - torch.eye(7)) + torch.eye(7)
+    e = (logits - logits.amax(-1, keepdim=True)).exp() * w
+    expected = (e + 1e-6 / 7) / (e.sum(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(sig["attn"], expected, rtol=1e-5, atol=1e-6)
+    out.sum().backward()
+    assert keep.grad is not None and torch.isfinite(keep.grad).all()
+
+
+def test_the_host_carries_a_padding_mask_through_later_reductions():
+    """Empty slots stay masked after a later reduction that keeps them."""
+
+    class PadOne(TokenReducer):
+        """Sample 0 loses its last token to an empty slot (size 0, mask 0)."""
+
+        def forward(self, x, signals):
+            b, n, _ = x.shape
+            ar = torch.arange(n).expand(b, n)
+            mask = torch.ones(b, n)
+            mask[0, -1] = 0
+            size = signals.size * mask[..., None]
+            return Reduction(x=x * mask[..., None], size=size, index=ar, assign=ar, mask=mask)
+
+    host = tiny_host(depth=3)
+    seen = []
+
+    class Spy(DropLast):
+        def forward(self, x, signals):
+            seen.append(signals.present)
+            return super().forward(x, signals)
+
+    class DropFirstPatch(TokenReducer):
+        def forward(self, x, signals):
+            keep = torch.arange(signals.prefix + 1, x.shape[1]).expand(x.shape[0], -1)
+            return keep_tokens(x, signals.size, signals.prefix, keep)
+
+    vit.apply(host, {0: PadOne(), 1: DropFirstPatch(), 2: Spy("mid")})
+    host(torch.randn(2, 3, 32, 32))
+    (present,) = seen
+    assert present.shape == (2, 16) and present.sum(1).tolist() == [15, 16]
+    assert not present[0, -1]
