@@ -1,11 +1,14 @@
-"""DynamicViT's own invariants: top-k of its predictor, hierarchical masks, masked Agg."""
+"""DynamicViT's own invariants: top-k of its predictor, hierarchical masks, masked Agg, and
+the official inference selection (golden fixture)."""
 
 from __future__ import annotations
 
 import torch
 
+from reference.core import Signals
 from reference.dynamicvit import DynamicViT
 from tests.reference.conftest import C, N, make_signals, tokens
+from tests.reference.fixtures import load, tensor
 
 
 def build(keep_ratio: float = 0.5) -> DynamicViT:
@@ -76,3 +79,37 @@ def test_official_schedule_keeps_int_of_196_times_rho_to_the_stage():
     assert vit.tokens_after(model) == [1 + 137, 1 + 96, 1 + 67]
     relative = DynamicViT(dim=16, keep_ratio=0.7, relative=True)
     assert [relative.kept(m) for m in (196, 137, 95)] == [137, 95, 66]
+
+
+def test_reproduces_the_official_inference_selection_golden_fixture():
+    """Three stages of the official eval path (``PredictorLG``, ``argsort``, ``int(196 *
+    0.7 ** s)``) with identity blocks: same scores, same kept patches (137/96/67) per image.
+    The official code orders kept tokens by score; here they stay in spatial order."""
+    case = load("dynamicvit")["cases"][0]
+    x = tensor(case["x"])  # [B, 1 + 196, C]
+    b, n, c = x.shape
+    signals = Signals(prefix=1, size=torch.ones(b, n, 1))
+    entering = torch.arange(n - 1).expand(b, -1)  # original positions of the tokens
+    out_x = x
+    for s, (kept, scores) in enumerate(zip(case["kept"], case["scores"], strict=True)):
+        method = DynamicViT(dim=c, keep_ratio=0.7 ** (s + 1)).eval()
+        weights = {
+            key.split(".", 1)[1].replace("in_conv", "in_proj").replace("out_conv", "out_proj"): v
+            for key, v in case["predictors"].items()
+            if key.startswith(f"{s}.")
+        }
+        method.predictor.load_state_dict({k: tensor(v) for k, v in weights.items()})
+        with torch.no_grad():
+            ours = method.predictor(out_x[:, 1:], torch.ones(b, n - 1))[..., 0]
+            out = method(out_x, signals)
+        # Official scores are in the official token order: put them in position order.
+        official_entering = torch.tensor(case["kept"][s - 1]) if s else entering
+        order = official_entering.argsort(dim=1)
+        torch.testing.assert_close(ours, tensor(scores).gather(1, order), atol=1e-5, rtol=1e-5)
+        entering = entering.gather(1, out.index[:, 1:] - 1)
+        assert torch.equal(entering, torch.tensor(kept).sort(dim=1).values)
+        expected = x[:, 1:].gather(1, entering[..., None].expand(-1, -1, c))
+        torch.testing.assert_close(out.x[:, 1:], expected, atol=0, rtol=0)
+        out_x, n = out.x, out.x.shape[1]
+        signals = Signals(prefix=1, size=out.size, state=signals.state)
+    assert [len(k[0]) for k in case["kept"]] == [137, 96, 67]

@@ -1,13 +1,17 @@
-"""TPS's own invariants: top-k reserved set, nearest-host matching, exp-similarity fusion."""
+"""TPS's own invariants: top-k reserved set, nearest-host matching, exp-similarity fusion, and
+the official pruning-then-squeezing outputs (golden fixtures)."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
-from reference.tps import TPS
+from reference.core import Signals
+from reference.tps import TPS, squeeze
 from tests.reference.conftest import B, N, make_signals, tokens
+from tests.reference.fixtures import load, tensor
 
 
 def naive_squeeze(x: torch.Tensor, kept: list[int], prefix: int) -> dict[int, torch.Tensor]:
@@ -115,3 +119,51 @@ def test_official_schedule_keeps_int_of_196_times_rho_to_the_stage():
         assert vit.tokens_after(model) == [1 + 137, 1 + 96, 1 + 67]
     relative = TPS(16, keep_rate=0.7, relative=True).eval()
     assert [relative.budget(1 + m, 1)[0] - 1 for m in (196, 137, 95)] == [137, 95, 66]
+
+
+@pytest.mark.parametrize("case", load("tps")["inference"], ids=lambda c: f"seed{c['seed']}")
+def test_reproduces_the_official_pruning_and_squeezing_golden_fixture(case):
+    """Three dTPS stages of the official eval path (``PredictorLG`` scores, reserved
+    ``int(N0 * rho ** s)``, ``TPSModule`` squeezing) with identity blocks: same scores, same
+    reserved patches, same squeezed tokens. The official order (by score) is spatial here."""
+    x = tensor(case["x"])  # [B, 1 + 36, C]
+    b, n, c = x.shape
+    signals = Signals(prefix=1, size=torch.ones(b, n, 1))
+    entering = torch.arange(n - 1).expand(b, -1)  # original positions of the tokens
+    for s, (kept, scores, official) in enumerate(
+        zip(case["kept"], case["scores"], case["out"], strict=True)
+    ):
+        method = TPS(c, keep_rate=case["keep_ratio"] ** (s + 1), temperature=case["temperature"])
+        weights = {
+            key.split(".", 1)[1]: tensor(value)
+            for key, value in case["predictors"].items()
+            if key.startswith(f"{s}.")
+        }
+        method.predictor.load_state_dict(weights)
+        method.eval()
+        with torch.no_grad():
+            ours = method.predictor(x[:, 1:], torch.ones(b, x.shape[1] - 1, 1))[..., 0]
+            out = method(x, signals)
+        # The official tokens are in the official order: put them in position order.
+        before = torch.tensor(case["kept"][s - 1]) if s else entering
+        torch.testing.assert_close(
+            ours, tensor(scores).gather(1, before.argsort(dim=1)), atol=1e-5, rtol=1e-5
+        )
+        entering = entering.gather(1, out.index[:, 1:] - 1)
+        kept = torch.tensor(kept)
+        assert torch.equal(entering, kept.sort(dim=1).values)
+        order = kept.argsort(dim=1)[..., None].expand(-1, -1, c)
+        expected = tensor(official).gather(1, order)
+        torch.testing.assert_close(out.x[:, 1:], expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.x[:, 0], x[:, 0])
+        x = out.x
+        signals = Signals(prefix=1, size=out.size, state=signals.state)
+
+
+@pytest.mark.parametrize("case", load("tps")["training"], ids=lambda c: f"seed{c['seed']}")
+def test_reproduces_the_official_training_squeeze_golden_fixture(case):
+    """The official ``TPSModule`` in training on fixed decisions: hosts are the kept tokens,
+    only the tokens pruned now are squeezed, every other token is unchanged."""
+    keep, pruned = tensor(case["keep"]), tensor(case["pruned"])
+    out, _ = squeeze(tensor(case["x"]), keep > 0, pruned, case["temperature"])
+    torch.testing.assert_close(out, tensor(case["out"]), atol=1e-5, rtol=1e-5)

@@ -1,13 +1,16 @@
-"""ViT-Slim's own invariants: soft masks in search, global monotone masks after it."""
+"""ViT-Slim's own invariants: soft masks in search, global monotone masks after it, and the
+official patch-mask compression (golden fixture)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from reference import vit
 from reference.core import Signals
 from reference.vit_slim import ViTSlim, compress, global_patch_masks, sparsity_loss
 from tests.reference.conftest import N, tiny_host, tokens
+from tests.reference.fixtures import load, tensor
 
 
 def signals(x: torch.Tensor, prefix: int = 1) -> Signals:
@@ -66,3 +69,25 @@ def test_compressed_masks_drive_the_host_by_original_position():
         x, sig = out.x, Signals(prefix=1, size=out.size, state=sig.state)
     kept = sig.state["vit_slim.positions"][0, 1:]
     assert torch.equal(kept, reducers[-1].searched[1:].nonzero()[:, 0] + 1)
+
+
+@pytest.mark.parametrize("case", load("vit_slim")["cases"], ids=lambda c: f"budget{c['budget']}")
+def test_reproduces_the_official_patch_compression_golden_fixture(case):
+    """The official ``compress_patch`` (one threshold over every layer's ``tanh(zeta)``, then
+    OR from the deepest layer up), ties at the init value included; in eval each layer then
+    keeps exactly the positions of its mask (the CLS token always)."""
+    zeta = tensor(case["zeta"])  # [L, P]
+    num_layers, p = zeta.shape
+    reducers = [ViTSlim(p) for _ in range(num_layers)]
+    for r, z in zip(reducers, zeta, strict=True):
+        r.zeta.data = z.clone()
+    compress(reducers, budget=case["budget"])
+    official = torch.tensor(case["masks"], dtype=torch.bool)
+    assert torch.equal(torch.stack([r.searched for r in reducers]), official)
+    x = torch.randn(2, p, 8, generator=torch.Generator().manual_seed(0))
+    sig = signals(x)
+    for r, mask in zip(reducers, official, strict=True):
+        out = r.eval()(x, sig)
+        x, sig = out.x, Signals(prefix=1, size=out.size, state=sig.state)
+        kept = sig.state.get("vit_slim.positions", torch.arange(p).expand(2, -1))[:, 1:]
+        assert torch.equal(kept, (mask[1:].nonzero()[:, 0] + 1).expand(2, -1))
