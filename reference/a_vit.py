@@ -31,18 +31,19 @@ Deviations from the official code:
   from the last CLS state, so that average is not formed.
 - Batches: every image drops exactly its halted tokens; the batch is padded to the
   largest count with *empty slots* (x 0, size 0, index -1, ``Reduction.mask`` 0)
-  after each image's own tokens. With the host's proportional attention (log-size
-  bias) empty slots get no attention, like the official masked (-1000 bias) halted
-  tokens; without it they are attended. Empty slots count as halted later on.
+  after each image's own tokens. The hosts mask empty slots out of attention,
+  like the official masked (-1000 bias) halted tokens, so an image's result does
+  not depend on its batch. Empty slots count as halted later on.
   (The padding is the shared ``reference.ops.keep_padded``.)
 - ``max_keep`` (default 1.0, i.e. off) caps the running fraction of an image's
   tokens entering a step, halting those with the largest cumulative score first;
   it is not in the paper and only gives ``budget`` an upper bound below ``n``.
 - Inference removes halted tokens; the official code masks them (zeroed, -1000
   attention bias) in training and evaluation alike and never shortens the batch.
-- Training: the host cannot mask attention, so halted tokens are not zeroed nor
-  removed; the running mask is returned in ``Reduction.mask`` for a host that
-  masks attention. The ponder cost ``state["a_vit"]["ponder"]`` keeps its gradient
+- Training: halted tokens are neither zeroed nor removed; the running mask is
+  returned in ``Reduction.mask``, and the ViT host leaves the halted tokens out of
+  every later attention as keys (they are still updated, where the official code
+  zeroes them). The ponder cost ``state["a_vit"]["ponder"]`` keeps its gradient
   for the ponder loss; the losses (ponder, distributional prior) are not
   implemented here. Cumulative scores are kept in float32.
 """

@@ -8,8 +8,12 @@ import pytest
 import torch
 
 from reference import vit
-from reference.a_vit import AViT
+from reference.a_vit import AViT, halting_scores
+from reference.core import Signals
 from tests.reference.conftest import B, N, make_signals, tiny_host, tokens
+from tests.reference.fixtures import load, tensor
+
+GOLDEN = load("a_vit")
 
 
 def scores(x: torch.Tensor, scale: float, center: float) -> torch.Tensor:
@@ -118,3 +122,69 @@ def test_an_image_gets_the_same_logits_in_any_batch():
         torch.testing.assert_close(host(images[i : i + 1])[0], together[i], rtol=1e-4, atol=1e-5)
         counts.add(tuple(vit.tokens_after(host)))
     assert len(counts) > 1, "the images should keep different counts"
+
+
+def _golden_method(case: dict, **kwargs) -> AViT:
+    return AViT(
+        gate_scale=case["gate_scale"], gate_center=case["gate_center"], eps=case["eps"], **kwargs
+    )
+
+
+@pytest.mark.parametrize("case", GOLDEN["cases"], ids=lambda c: f"seed{c['seed']}")
+def test_reproduces_the_official_halting_golden_fixture(case):
+    """Training: chained on the official block outputs, the halting scores, cumulative
+    scores, remainders, ponder costs and running masks are the official ones, block by
+    block; the CLS token halts as in the official code (``pin_prefix=False``)."""
+    method = _golden_method(case).train()
+    b, n, _ = tensor(case["block_out"][0]).shape
+    signals = Signals(prefix=1, size=torch.ones(b, n, 1))
+    ran = torch.ones(b, n, dtype=torch.bool)  # tokens the block that just ran processed
+    for x, h, step in zip(case["block_out"], case["halting"], case["steps"], strict=True):
+        x = tensor(x)
+        scores = halting_scores(x, 1, method.gate_scale, method.gate_center)
+        torch.testing.assert_close(scores, tensor(h), atol=1e-5, rtol=1e-5)
+        out = method(x, signals)
+        state, running = signals.state["a_vit"], tensor(step["running"], torch.bool)
+        assert torch.equal(out.mask.bool(), running) and torch.equal(state["running"], running)
+        # The official c_token keeps adding h to halted tokens (h >= 0: they stay halted).
+        cumulative = tensor(step["cumulative"])
+        torch.testing.assert_close(state["cumulative"][ran], cumulative[ran], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(state["remainder"], tensor(step["remainder"]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(state["ponder"], tensor(step["ponder"]), atol=1e-5, rtol=1e-5)
+        ran = running
+    assert not running[:, 0].any(), "the fixture's CLS tokens halt"
+
+
+@pytest.mark.parametrize("case", GOLDEN["cases"], ids=lambda c: f"seed{c['seed']}")
+def test_inference_keeps_the_official_running_tokens(case):
+    """Inference drops the tokens the official mask blocks; a halted CLS stays in place."""
+    method = _golden_method(case).eval()
+    outputs = [tensor(x) for x in case["block_out"]]
+    b, n, c = outputs[0].shape
+    signals = Signals(prefix=1, size=torch.ones(b, n, 1))
+    source = torch.arange(n).expand(b, n)  # the input token behind each slot
+    x = outputs[0]
+    for i, step in enumerate(case["steps"]):
+        out = method(x, signals)
+        source = torch.where(out.index >= 0, source.gather(1, out.index.clamp_min(0)), -1)
+        running = tensor(step["running"], torch.bool)
+        for j in range(b):
+            kept = source[j][source[j] > 0].tolist()
+            assert kept == (running[j, 1:].nonzero()[:, 0] + 1).tolist()
+        assert torch.equal(signals.state["a_vit"]["running"][:, 0], running[:, 0])
+        if i + 1 < len(outputs):  # the next official block output, at the kept slots
+            nxt = outputs[i + 1].gather(1, source.clamp_min(0)[..., None].expand(-1, -1, c))
+            x = nxt * (source >= 0)[..., None]
+            signals = replace(signals, size=out.size)
+
+
+def test_pinning_the_prefix_departs_from_the_golden_fixture():
+    case = GOLDEN["cases"][0]
+    method = _golden_method(case, pin_prefix=True).train()
+    b, n, _ = tensor(case["block_out"][0]).shape
+    signals = Signals(prefix=1, size=torch.ones(b, n, 1))
+    for x in case["block_out"]:
+        out = method(tensor(x), signals)
+    official = tensor(case["steps"][-1]["running"], torch.bool)
+    assert out.mask[:, 0].bool().all() and not official[:, 0].any()
+    torch.testing.assert_close(out.mask[:, 1:].bool(), official[:, 1:])

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 from reference import vit
 from reference.core import Signals
 from reference.evo_vit import STATE_KEY, EvoViT
 from tests.reference.conftest import B, C, H, N, tiny_host, tokens
+from tests.reference.fixtures import load, tensor
+
+GOLDEN = load("evo_vit")
 
 
 def signals_with(cls_attn: torch.Tensor, state: dict, size: torch.Tensor | None = None) -> Signals:
@@ -95,3 +100,43 @@ def test_host_keeps_a_constant_token_count_across_chained_hooks():
     assert torch.isfinite(logits).all()
     assert vit.tokens_after(host) == [10, 10, 10]
     assert host.last_state.state[STATE_KEY]["tokens"].shape == (2, N - 1, C)
+
+
+def _levit_block(x: torch.Tensor, case: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixture's official block (LeViT attention and MLP, identity BatchNorms):
+    its output and the attention ``[B, H, N, N]``."""
+    b, n, _ = x.shape
+    h, kd = case["num_heads"], case["key_dim"]
+    qkv = (x @ tensor(case["qkv"]).t()).view(b, n, h, -1)
+    q, k, v = (t.transpose(1, 2) for t in qkv.split([kd, kd, case["attn_ratio"] * kd], dim=3))
+    attn = (q @ k.transpose(-1, -2) * kd**-0.5).softmax(-1)  # [B, H, N, N]
+    x = x + F.hardswish((attn @ v).transpose(1, 2).reshape(b, n, -1)) @ tensor(case["proj"]).t()
+    return x + F.hardswish(x @ tensor(case["fc1"]).t()) @ tensor(case["fc2"]).t(), attn
+
+
+@pytest.mark.parametrize("case", GOLDEN["cases"], ids=lambda c: f"keep{c['keep_rate']}")
+def test_reproduces_the_official_slow_fast_update_golden_fixture(case):
+    """One official ``CatModule`` block: a hook selects with the given global attention
+    (fed in as the CLS attention of a first hook), the block runs on the informative
+    tokens plus the representative token, and the next hook, given this block's CLS
+    attention, evolves ``g`` and fast-updates the placeholders. Selection, every token
+    (in spatial order), the CLS token and ``g`` are the official ones."""
+    x, g0 = tensor(case["x"]), tensor(case["global_attn"])
+    b, n, c = x.shape
+    m, heads = n - 1, case["num_heads"]
+    method, state = EvoViT(keep_rate=case["keep_rate"]).eval(), {}
+    cls_attn = torch.cat([torch.zeros(b, 1), g0], 1)[:, None].expand(b, heads, n)
+    size = torch.ones(b, n, 1)
+    first = method(x, Signals(prefix=1, size=size, cls_attn=cls_attn, state=state))
+    y, attn = _levit_block(first.x, case)
+    second = method(y, Signals(prefix=1, size=first.size, cls_attn=attn[:, :, 0], state=state))
+
+    out, order = tensor(case["out"]), tensor(case["out_indices"], torch.long)  # [B, M]
+    k = int(case["keep_rate"] * m)
+    assert torch.equal(first.index[:, 1 : 1 + k] - 1, order[:, :k].sort(1).values)
+    assert (first.index[:, -1] == -1).all()  # the representative token
+    spatial = torch.empty(b, m, c).scatter(1, order[..., None].expand(-1, -1, c), out[:, 1:])
+    g = torch.empty(b, m).scatter(1, order, tensor(case["out_global_attn"]))
+    torch.testing.assert_close(state[STATE_KEY]["tokens"], spatial, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state[STATE_KEY]["g"], g, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(second.x[:, 0], out[:, 0], atol=1e-5, rtol=1e-5)

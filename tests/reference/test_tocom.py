@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from reference.core import Signals
 from reference.tocom import ToCom, compensate, degree_mask
 from reference.tome import merge_wavg
 from tests.reference.conftest import C, H, make_signals, tokens
+from tests.reference.fixtures import load, tensor
+
+GOLDEN = load("tocom")
 
 
 @pytest.mark.parametrize(("a", "b", "c"), [(0, 3, 7), (5, 2, 9), (16, 4, 0)])
@@ -143,3 +148,64 @@ def test_nan_in_one_samples_signals_never_reaches_a_prefix_token(prefix):
     torch.testing.assert_close(out.x[others], alone.x, rtol=0, atol=0)
     assert torch.equal(out.index[others], alone.index)
     assert torch.equal(out.assign[others], alone.assign)
+
+
+def _golden_block(case: dict, compensate_prefix: bool):
+    """The fixture's block as the host runs it: the uncompensated tokens at ``"mid"``, the
+    signals, and ToCom with the official adapter mapped onto it (``b_v = 0`` here)."""
+    x, qkv_w = tensor(case["x"]), tensor(case["qkv_weight"])
+    proj_w, proj_b = tensor(case["proj_weight"]), tensor(case["proj_bias"])
+    b, n, c = x.shape
+    h, d = 2, c // 2
+    z = F.layer_norm(x, (c,), eps=1e-6)
+    q, k, v = (z @ qkv_w.t()).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)  # [B, H, N, D]
+    attn = (q @ k.transpose(-1, -2) * d**-0.5).softmax(-1)
+    mid = x + (attn @ v).transpose(1, 2).reshape(b, n, c) @ proj_w.t() + proj_b
+    down, up = tensor(case["adapter_down"]), tensor(case["adapter_up"])  # [R, C], [C, R]
+    rank = down.shape[0] // 16
+    # Official degree 1 is the last chunk of the adapter width, ours the first.
+    perm = torch.tensor([(15 - i // rank) * rank + i % rank for i in range(down.shape[0])])
+    up_t = up[:, perm].t()  # [R, C]
+    method = ToCom(
+        dim=c,
+        num_heads=h,
+        r_src=case["r_src"],
+        r_tgt=case["r_tgt"],
+        rank=rank,
+        scale=case["scale"],
+        compensate_prefix=compensate_prefix,
+    ).eval()
+    with torch.no_grad():
+        method.down.copy_(down[perm] @ torch.linalg.inv(qkv_w[2 * c :]))
+        method.up.copy_(
+            torch.stack(
+                [up_t[:, i * d : (i + 1) * d] @ proj_w.t()[i * d : (i + 1) * d] for i in range(h)]
+            )
+        )
+    signals = Signals(prefix=1, size=torch.ones(b, n, 1), keys=k.mean(1), attn=attn, values=v)
+    return x, mid, method, signals
+
+
+@pytest.mark.parametrize("case", GOLDEN["cases"], ids=lambda c: f"{c['r_src']}to{c['r_tgt']}")
+def test_reproduces_the_official_compensation_golden_fixture(case):
+    """The official ``forward_attn`` + ``forward_block_tome`` (query delta zero, as its
+    initialisation leaves it), with ``compensate_prefix=True``: same merge, same tokens."""
+    x, mid, method, signals = _golden_block(case, compensate_prefix=True)
+    out = method(mid, signals)
+    assert torch.equal(out.assign, tensor(case["assign"], torch.long))
+    torch.testing.assert_close(out.x, tensor(case["merged"]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.size, tensor(case["size"]), atol=1e-5, rtol=1e-5)
+    # Before the merge: the compensated attention output, token for token.
+    mask = degree_mask(method.rank, method.max_r, method.r_src, method.r_tgt)
+    comp = compensate(mid, signals.attn, signals.values, method.down, method.up, mask, method.scale)
+    torch.testing.assert_close(comp, x + tensor(case["attn_out"]), atol=1e-5, rtol=1e-5)
+
+
+def test_the_default_leaves_the_cls_row_uncompensated_unlike_the_golden_fixture():
+    case = GOLDEN["cases"][0]
+    x, mid, method, signals = _golden_block(case, compensate_prefix=False)
+    official = x + tensor(case["attn_out"])
+    out = method(mid, signals)
+    assert not torch.allclose(out.x, tensor(case["merged"]), atol=1e-3)
+    torch.testing.assert_close(out.x[:, 0], mid[:, 0])  # CLS: the host's, not the official
+    assert (official[:, 0] - mid[:, 0]).abs().max() > 1e-2
