@@ -25,8 +25,9 @@ Deviations from the official code:
   TTM is a vision-stage ``TokenReducer`` (``where = "pre"``: put it on a block
   whose output feeds the projector, or on the LLaVA host's vision layer). The
   official TTM runs on the projected features of each video.
-- Kept tokens stay in spatial order; the official code orders the kept tokens
-  of a pruned frame by increasing similarity (``topk(largest=False)``).
+- Order: by default (``order="similarity"``) the kept tokens of a pruned frame
+  come in the official order, by increasing similarity to the pivot
+  (``topk(largest=False)``); ``order="spatial"`` keeps them in spatial order.
 - A dropped token is ``assign``-ed to the pivot token at its position (the one
   that represents it), whose ``size`` absorbs it; tokens are not averaged, as
   in the official code.
@@ -55,32 +56,41 @@ from reference.llava import LlavaHost
 from reference.registry import register
 
 
-def prune_against(frames: Tensor, pivot: int, target: int, keep: int) -> Tensor:
-    """Keep mask ``[B, P]`` of frame ``target``: its ``keep`` tokens least similar to ``pivot``."""
+def prune_against(frames: Tensor, pivot: int, target: int, keep: int) -> tuple[Tensor, Tensor]:
+    """Frame ``target``'s ``keep`` tokens least similar to ``pivot``.
+
+    Returns the keep mask ``[B, P]`` and each token's rank by increasing similarity
+    ``[B, P]`` (the official output order of the kept ones).
+    """
     with torch.no_grad():
         sim = F.cosine_similarity(frames[:, target].float(), frames[:, pivot].float(), dim=-1)
-        low = sim.topk(keep, dim=1, largest=False).indices  # [B, keep]
-    return torch.zeros_like(sim, dtype=torch.bool).scatter(1, low, True)
+        low = sim.topk(keep, dim=1, largest=False).indices  # [B, keep], least similar first
+        rank = torch.arange(sim.shape[1], device=sim.device).expand_as(sim).clone()
+        rank.scatter_(1, low, torch.arange(keep, device=sim.device).expand(sim.shape[0], -1))
+    return torch.zeros_like(sim, dtype=torch.bool).scatter(1, low, True), rank
 
 
-def ttm_plan(frames: Tensor, ratio: float) -> tuple[Tensor, Tensor]:
+def ttm_plan(frames: Tensor, ratio: float) -> tuple[Tensor, Tensor, Tensor]:
     """Temporal token merging on ``frames [B, T, P, C]``.
 
-    Returns ``keep [B, T, P]`` and ``rep [B, T, P]``: for each token, the frame of
-    the token that represents it (itself when kept; its pivot's, transitively).
+    Returns ``keep [B, T, P]``; ``rep [B, T, P]``: for each token, the frame of the
+    token that represents it (itself when kept; its pivot's, transitively); and
+    ``rank [B, T, P]``: a kept token's slot within its frame in the official order
+    (spatial, except in pruned frames: by increasing similarity).
     """
     b, t, p, _ = frames.shape
     keep_n = int((1 - ratio) * p)
     keep = torch.ones(b, t, p, dtype=torch.bool, device=frames.device)
+    rank = torch.arange(p, device=frames.device).expand(b, t, p).clone()
     rep = torch.arange(t, device=frames.device)[None, :, None].expand(b, t, p).clone()
     for i in range(0, t - 1, 2):  # step 1: odd frame against its even partner
-        keep[:, i + 1] = prune_against(frames, i, i + 1, keep_n)
+        keep[:, i + 1], rank[:, i + 1] = prune_against(frames, i, i + 1, keep_n)
         rep[:, i + 1] = torch.where(keep[:, i + 1], i + 1, i)
     for i in range(0, t - 4, 4):  # step 2: frame 4t + 2 against frame 4t (official range)
-        keep[:, i + 2] = prune_against(frames, i, i + 2, keep_n)
+        keep[:, i + 2], rank[:, i + 2] = prune_against(frames, i, i + 2, keep_n)
         rep[:, i + 2] = torch.where(keep[:, i + 2], i + 2, i)
     # Frame 4t + 3 may point at a dropped token of 4t + 2: follow it to 4t.
-    return keep, rep.gather(1, rep)
+    return keep, rep.gather(1, rep), rank
 
 
 @register
@@ -90,6 +100,8 @@ class DyCoke(TokenReducer):
     Args:
         frame_tokens: tokens per frame ``P``; 0 turns the step off.
         ratio: the paper's ``K``, the fraction of a pruned frame's tokens removed.
+        order: ``"similarity"`` (official): a pruned frame's kept tokens by increasing
+            similarity to its pivot; ``"spatial"``: in spatial order.
     """
 
     catalog_id = "dycoke"
@@ -100,13 +112,15 @@ class DyCoke(TokenReducer):
         "some": {"frame_tokens": 4, "ratio": 0.5},
     }
 
-    def __init__(self, frame_tokens: int = 196, ratio: float = 0.7):
+    def __init__(self, frame_tokens: int = 196, ratio: float = 0.7, order: str = "similarity"):
         super().__init__()
         if not 0 <= ratio <= 1:
             raise ValueError(f"ratio must be in [0, 1], got {ratio}")
         if frame_tokens < 0:
             raise ValueError(f"frame_tokens must be >= 0, got {frame_tokens}")
-        self.frame_tokens, self.ratio = frame_tokens, ratio
+        if order not in ("similarity", "spatial"):
+            raise ValueError(f"order must be 'similarity' or 'spatial', got {order!r}")
+        self.frame_tokens, self.ratio, self.order = frame_tokens, ratio, order
 
     def _frames(self, n: int, prefix: int) -> int:
         return (n - prefix) // self.frame_tokens if self.frame_tokens > 0 else 0
@@ -126,7 +140,8 @@ class DyCoke(TokenReducer):
         if b == 0:  # an empty batch: nothing to score; the budget's shapes
             return empty_batch(x, signals.size, self.budget(n, prefix)[0])
         body = slice(prefix, prefix + t * p)
-        keep, rep = ttm_plan(x[:, body].reshape(b, t, p, c), self.ratio)  # 'b (t p) c -> b t p c'
+        frames = x[:, body].reshape(b, t, p, c)  # 'b (t p) c -> b t p c'
+        keep, rep, rank = ttm_plan(frames, self.ratio)
         keep_all = torch.cat([keep.flatten(1), keep.new_ones(b, n - body.stop)], 1)  # tail kept
         kept = torch.arange(prefix, n, device=x.device)[None].expand(b, -1)[keep_all].view(b, -1)
 
@@ -136,7 +151,19 @@ class DyCoke(TokenReducer):
         size[:, body] = torch.zeros_like(signals.size).scatter_add(
             1, head[..., None], signals.size[:, body]
         )[:, body]
-        out = keep_tokens(x, size, prefix, kept)
+        out = keep_tokens(x, size, prefix, kept)  # spatial order
+        if self.order == "similarity":  # reorder within each frame by the official slot
+            slot = rank + p * torch.arange(t, device=x.device)[:, None]  # [B, T, P]
+            tail = torch.arange(t * p, n - prefix, device=x.device).expand(b, -1)
+            slot = torch.cat([slot.flatten(1), tail], 1)[keep_all].view(b, -1)
+            perm = torch.cat([out.index[:, :prefix], slot.argsort(1) + prefix], 1)  # [B, N']
+            inverse = perm.argsort(1)
+            out = Reduction(
+                x=out.x.gather(1, perm[..., None].expand(-1, -1, c)),
+                size=out.size.gather(1, perm[..., None]),
+                index=out.index.gather(1, perm),
+                assign=torch.where(out.assign < 0, -1, inverse.gather(1, out.assign.clamp(min=0))),
+            )
         assign = out.assign.clone()
         assign[:, body] = out.assign.gather(1, head)
         return Reduction(x=out.x, size=out.size, index=out.index, assign=assign)

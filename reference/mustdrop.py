@@ -21,17 +21,23 @@ Deviations from the official code:
 - The vision stage runs at the host's one vision hook (the feature layer): the
   official code merges after CLIP layer 0 and picks the key set from the CLS row
   of layer 23, after merging. Here a merged token's key score is the summed CLS
-  attention of the tokens it absorbed. Merged tokens stay at their window's last
-  position, in spatial order (the official code puts merged tokens first, in
-  similarity order). The number of merged windows ``merge`` is fixed per sample;
-  the official code counts windows over a similarity threshold (0.8) and takes
-  the minimum over the batch.
-- Prefilling: with ``ratio`` set, every sample keeps a fixed count: key tokens
-  first, then the highest ``max(global / (total * global_thr), individual /
-  individual_thr)``, the ordering under which the official threshold rule keeps
-  exactly the tokens scoring >= 1. With ``ratio=None`` the thresholds decide,
-  and samples are filled up to the batch's largest count by that same ordering
-  (the official code reads batch item 0 only). Padding text tokens are not queries.
+  attention of the tokens it absorbed. As in the official code, the windows with
+  similarity >= ``threshold`` (0.8) are merged, or a fixed ``merge`` count if
+  given. The official count is the minimum over the batch (``batch_min=True``), so
+  one image changes another's result; by default each image merges its own count
+  and the batch is padded to the largest with empty slots (``Reduction.mask`` 0,
+  masked by the hosts). At batch 1 the two agree; the merged tokens come first, most
+  similar window first, then the rest in spatial order (``order="similarity"``);
+  ``order="spatial"`` keeps all tokens in spatial order, a merged one at its
+  window's last position.
+- Prefilling: with ``ratio=None`` (the default, as in the official code) the
+  thresholds decide (defaults 1e-3 and 1e-3, the README's 192-token setting);
+  samples are filled up to the batch's largest count by the ordering below (the
+  official code reads batch item 0 only). With ``ratio`` set, every sample keeps
+  a fixed count: key tokens first, then the highest ``max(global / (total *
+  global_thr), individual / individual_thr)``, the ordering under which the
+  official threshold rule keeps exactly the tokens scoring >= 1. Padding text
+  tokens are not queries.
 - The key set travels in ``state["mustdrop.key"]`` (``[B, Nv]`` bool over the
   image span); without a vision stage it is empty.
 - Decoding: the host has no decoding hook, so ``MustDropDecoding.apply`` rewrites
@@ -54,7 +60,7 @@ from torch import Tensor
 
 from reference.core import Reduction, Signals, TokenReducer, identity
 from reference.llava import LlavaHost, LLMReducer, LLMSignals
-from reference.ops import keep_image_tokens
+from reference.ops import each_present_sample, keep_image_tokens, sample_signals
 from reference.registry import register
 
 KEY = "mustdrop.key"
@@ -82,21 +88,43 @@ def window_similarity(patches: Tensor, window: int) -> tuple[Tensor, Tensor]:
     return off_diag / (k * (k - 1)), cells
 
 
-def local_merge(x: Tensor, size: Tensor, prefix: int, window: int, merge: int) -> Reduction:
-    """Merge the ``merge`` most self-similar windows into their last token."""
+def local_merge(
+    x: Tensor,
+    size: Tensor,
+    prefix: int,
+    window: int,
+    merge: int | None = None,
+    threshold: float = 0.8,
+    order: str = "similarity",
+) -> Reduction:
+    """Merge the most self-similar windows of ``x [B, N, C]`` into their last token.
+
+    Args:
+        merge: windows merged per sample; None: those with similarity >= ``threshold``,
+            their count the minimum over the batch (official ``conditional_pooling``).
+        order: ``"similarity"``: merged tokens first, most similar window first, then the
+            others in spatial order (official); ``"spatial"``: all in spatial order.
+    """
     b, n, c = x.shape
     patches = x[:, prefix:]
     n_p, k = n - prefix, window**2
     with torch.no_grad():
         sim, cells = window_similarity(patches, window)  # [B, W], [W, k]
-        chosen = sim.topk(merge, dim=1).indices  # [B, r]
+        if merge is None:
+            merge = int((sim >= threshold).sum(1).min())
+        chosen = sim.topk(merge, dim=1).indices  # [B, r], most similar first
         members = cells[chosen]  # [B, r, k]; the last member is the destination
         target = torch.arange(n_p, device=x.device).repeat(b, 1)  # [B, Np]
         target.scatter_(1, members.flatten(1), members[..., -1:].expand(-1, -1, k).flatten(1))
         survives = target == torch.arange(n_p, device=x.device)  # [B, Np]
         m = n_p - merge * (k - 1)
-        # Survivors in spatial order: a stable sort puts the True entries first.
-        kept = survives.long().sort(dim=1, descending=True, stable=True).indices[:, :m]  # [B, M]
+        if order == "spatial":  # a stable sort puts the True entries first, in order
+            kept = survives.long().sort(dim=1, descending=True, stable=True).indices[:, :m]
+        else:
+            dst = members[..., -1]  # [B, r]
+            alone = survives.scatter(1, dst, False)
+            rest = alone.long().sort(dim=1, descending=True, stable=True).indices[:, : m - merge]
+            kept = torch.cat([dst, rest], 1)  # [B, M]
         slot = torch.full_like(target, -1).scatter_(
             1, kept, torch.arange(m, device=x.device).expand(b, -1)
         )
@@ -130,26 +158,46 @@ class MustDropVision(TokenReducer):
         "some": {"window": 2, "merge": 2, "key_rate": 0.25},
     }
 
-    def __init__(self, window: int = 3, merge: int = 16, key_rate: float = 0.08):
+    def __init__(
+        self,
+        window: int = 3,
+        merge: int | None = None,
+        key_rate: float = 0.08,
+        threshold: float = 0.8,
+        order: str = "similarity",
+        batch_min: bool = False,
+    ):
+        """``merge``: windows merged per image; None: each image merges its windows with
+        similarity >= ``threshold`` (``batch_min=True``: the batch's smallest such count
+        for every image, as the official code does)."""
         super().__init__()
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
-        if merge < 0:
-            raise ValueError(f"merge must be >= 0, got {merge}")
+        if merge is not None and merge < 0:
+            raise ValueError(f"merge must be >= 0 or None, got {merge}")
         if not 0 <= key_rate <= 1:
             raise ValueError(f"key_rate must be in [0, 1], got {key_rate}")
+        if order not in ("similarity", "spatial"):
+            raise ValueError(f"order must be 'similarity' or 'spatial', got {order!r}")
         self.window, self.merge, self.key_rate = window, merge, key_rate
+        self.threshold, self.order, self.batch_min = threshold, order, batch_min
 
     def budget(self, n: int, prefix: int) -> tuple[int, int]:
+        if self.merge is None:  # anywhere from every window merged to none
+            return n - (n - prefix) // self.window**2 * (self.window**2 - 1), n
         out = n - self.merge * (self.window**2 - 1)
         return out, out
 
     def forward(self, x: Tensor, signals: Signals) -> Reduction:
         p = signals.prefix
+        if self.merge is None and not self.batch_min and x.shape[0] > 1:
+            return self._each_image(x, signals)
         red = (
             identity(x, signals.size)
             if self.merge == 0
-            else local_merge(x, signals.size, p, self.window, self.merge)
+            else local_merge(
+                x, signals.size, p, self.window, self.merge, self.threshold, self.order
+            )
         )
         with torch.no_grad():  # key set: CLS attention (head mean), summed per merged group
             cls = signals.cls_attn.float().mean(1)[:, p:]  # [B, Np]
@@ -158,6 +206,26 @@ class MustDropVision(TokenReducer):
             score = score.scatter_add(1, red.assign[:, p:] - p, cls)
             top = score.topk(math.ceil(self.key_rate * m), dim=1).indices
             signals.state[KEY] = torch.zeros_like(score, dtype=torch.bool).scatter_(1, top, True)
+        return red
+
+    def _each_image(self, x: Tensor, signals: Signals) -> Reduction:
+        """Every image merges its own windows over the threshold; the batch is padded to
+        the largest count with empty slots, whose key-set entries are False."""
+        keys: list[Tensor] = []
+
+        def one(i: int, tokens: Tensor) -> Reduction:
+            alone = sample_signals(signals, i, tokens)
+            out = self(x[i : i + 1, tokens], alone)
+            keys.append(alone.state[KEY][0])
+            return out
+
+        red = each_present_sample(
+            x, signals.size, torch.ones_like(x[..., 0], dtype=torch.bool), one
+        )
+        key = torch.zeros(x.shape[0], red.num_tokens - signals.prefix, dtype=torch.bool)
+        for i, k in enumerate(keys):
+            key[i, : k.shape[0]] = k
+        signals.state[KEY] = key.to(x.device)
         return red
 
 
@@ -184,8 +252,9 @@ def dual_attention_scores(
 class MustDrop(LLMReducer):
     """Prefill stage: dual-attention filter with a protected key set.
 
-    ``ratio``: fraction of the image tokens dropped at this layer (fixed count);
-    ``None``: the thresholds decide (adaptive, filled to the batch's largest count).
+    ``ratio``: None (official): the thresholds decide (adaptive, filled to the
+    batch's largest count); a float: fraction of the image tokens dropped at this
+    layer (fixed count).
     """
 
     catalog_id = "mustdrop"
@@ -195,7 +264,7 @@ class MustDrop(LLMReducer):
 
     def __init__(
         self,
-        ratio: float | None = 0.5,
+        ratio: float | None = None,
         global_thr: float = 1e-3,
         individual_thr: float = 1e-3,
         renumber: bool = True,

@@ -140,19 +140,27 @@ GOLDEN = load("dycoke")
     "case", GOLDEN["cases"], ids=lambda c: f"t{c['frames']}-p{c['frame_tokens']}"
 )
 def test_reproduces_the_official_temporal_merging_golden_fixture(case):
-    """Same kept tokens as the official ``dycole_ttm``, per video; the official order of a
-    pruned frame (increasing similarity) is spatial here, and an odd last frame is carried
-    through where the official loop drops it."""
+    """Same kept tokens as the official ``dycole_ttm``, per video, in the official order (a
+    pruned frame by increasing similarity); an odd last frame is carried through where the
+    official loop drops it. ``order="spatial"`` keeps the same tokens in spatial order."""
     x = tensor(case["x"])
     b, n, _ = x.shape
     p = case["frame_tokens"]
-    out = DyCoke(frame_tokens=p, ratio=case["ratio"])(
-        x, Signals(prefix=0, size=torch.ones(b, n, 1))
-    )
+    signals = Signals(prefix=0, size=torch.ones(b, n, 1))
+    out = DyCoke(frame_tokens=p, ratio=case["ratio"])(x, signals)
+    spatial = DyCoke(frame_tokens=p, ratio=case["ratio"], order="spatial")(x, signals)
     carried = n - n // (2 * p) * 2 * p  # the official code drops an odd last frame
+    tail = torch.arange(n - carried, n)
     for v in range(b):
         official = torch.tensor(case["index"][v])
-        kept = out.index[v]
-        assert torch.equal(kept, torch.cat([official.sort().values, torch.arange(n - carried, n)]))
-        where = torch.searchsorted(kept, official)
-        torch.testing.assert_close(out.x[v, where], tensor(case["out"][v]), atol=1e-5, rtol=1e-5)
+        assert torch.equal(out.index[v], torch.cat([official, tail]))
+        torch.testing.assert_close(
+            out.x[v, : len(official)], tensor(case["out"][v]), atol=1e-5, rtol=1e-5
+        )
+        assert torch.equal(spatial.index[v], torch.cat([official.sort().values, tail]))
+    if int((1 - case["ratio"]) * p) > 1:  # more than one kept token per pruned frame
+        assert not torch.equal(out.index, spatial.index)  # the case really reorders
+    torch.testing.assert_close(spatial.size.sum(1), out.size.sum(1))
+    # Both follow the tokens: every input token maps to a slot holding it or its pivot.
+    for red in (out, spatial):
+        assert torch.equal(red.index.gather(1, red.assign) % p, torch.arange(n).expand(b, n) % p)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from reference.core import Signals
 from reference.llava import TINY, LlavaHost, LLMSignals
 from reference.mustdrop import (
     KEY,
@@ -14,6 +16,7 @@ from reference.mustdrop import (
     window_similarity,
 )
 from tests.reference.conftest import assert_cached_decoding_matches, make_signals, tokens
+from tests.reference.fixtures import load, tensor
 from tests.reference.test_vlm_contract import inputs
 
 START, N_IMAGE, N_TEXT = 2, 16, 5
@@ -33,7 +36,7 @@ def test_vision_merges_the_most_similar_windows_into_their_last_token():
     x = tokens().clone()
     x[0, 1 + torch.tensor([0, 1, 4, 5])] = x[0, 1] + 1e-3 * torch.randn(4, x.shape[-1])
     signals = make_signals(x)
-    red = MustDropVision(window=2, merge=1, key_rate=0.25)(x, signals)
+    red = MustDropVision(window=2, merge=1, key_rate=0.25, order="spatial")(x, signals)
     assert red.num_tokens == 1 + 16 - 3 and red.x.shape[1] == MustDropVision(2, 1).budget(17, 1)[0]
     # Sample 0: window {0, 1, 4, 5} (patches) is near-duplicate, so it is the one merged.
     assert red.index[0].tolist() == [0] + [1 + p for p in range(16) if p not in (0, 1, 4)]
@@ -44,6 +47,31 @@ def test_vision_merges_the_most_similar_windows_into_their_last_token():
     assert (red.index.diff(dim=1) > 0).all()  # spatial order kept
     key = signals.state[KEY]
     assert key.shape == (3, 13) and (key.sum(1) == 4).all()  # ceil(0.25 * 13)
+    # The official order: the merged token right after the CLS, then the rest in order.
+    official = MustDropVision(window=2, merge=1, key_rate=0.25)(x, make_signals(x))
+    rest = [1 + p for p in range(16) if p not in (0, 1, 4, 5)]
+    assert official.index[0].tolist() == [0, 1 + 5, *rest]
+    torch.testing.assert_close(official.x[0, 1], red.x[0, slot])
+
+
+GOLDEN = load("mustdrop")
+
+
+@pytest.mark.parametrize("case", GOLDEN["vision"], ids=lambda c: f"w{c['window']}-r{c['merged']}")
+def test_reproduces_the_official_local_merge_golden_fixture(case):
+    """Same merged windows, order and size-weighted means as the official
+    ``conditional_pooling`` + ``merge_wavg``, with the merge count from the threshold
+    (minimum over the batch) as there."""
+    x = tensor(case["x"])
+    b, n, _ = x.shape
+    vision = MustDropVision(
+        window=case["window"], threshold=case["threshold"], key_rate=0.0, batch_min=True
+    )
+    red = vision(x, Signals(prefix=1, size=torch.ones(b, n, 1), cls_attn=torch.rand(b, 1, n)))
+    assert red.num_tokens == n - case["merged"] * (case["window"] ** 2 - 1)
+    assert red.index.tolist() == case["index"]
+    torch.testing.assert_close(red.x, tensor(case["out"]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(red.size[..., 0], tensor(case["size"]))
 
 
 def test_vision_key_set_is_the_top_cls_attention():
@@ -120,6 +148,28 @@ def test_fixed_count_keeps_key_tokens_then_the_top_importance():
     assert state[KEY].shape == (2, 4) and state[KEY].sum() == 4  # key set follows the tokens
 
 
+@pytest.mark.parametrize("case", GOLDEN["prefill"], ids=lambda c: f"nv{c['image_len']}")
+def test_reproduces_the_official_dual_attention_filter_golden_fixture(case):
+    """Same kept image tokens (filter plus key set), new key-set positions and hidden
+    states as the official ``dual_attention_filter`` and the forward's union after it
+    (batch 1: the official code reads batch item 0)."""
+    start, nv = case["image_start"], case["image_len"]
+    h, text_attn = tensor(case["h"]), tensor(case["text_attn"])
+    heads = text_attn.shape[1]
+    n = h.shape[1]
+    attn = torch.zeros(1, heads, n, n)  # the filter reads only the text -> image block
+    attn[:, :, start + nv :, start : start + nv] = text_attn
+    key = torch.zeros(1, nv, dtype=torch.bool)
+    key[0, case["key_set"]] = True
+    state = {KEY: key}
+    signals = LLMSignals(start, nv, torch.ones(1, n, dtype=torch.bool), attn=attn, state=state)
+    red = MustDrop(None, case["global_thr"], case["individual_thr"])(h, signals)
+    assert red.index[0].tolist() == case["index"]
+    assert len(case["filtered"]) < len(case["kept"]) or not case["key_set"]
+    assert state[KEY][0].nonzero()[:, 0].tolist() == case["key_after"]
+    torch.testing.assert_close(red.x, tensor(case["out"]))
+
+
 def test_padding_rows_are_not_queries():
     _, attn, valid = llm_case()
     changed = attn.clone()
@@ -176,3 +226,27 @@ def test_positions_are_renumbered_by_default_and_kept_with_renumber_off():
     assert all((lc["pos_shift"] == 0).all() for lc in cache["layers"])
     compressed = MustDropDecoding().apply(host, cache)
     assert all((torch.as_tensor(lc["pos_shift"]) == 0).all() for lc in compressed["layers"])
+
+
+def test_by_default_each_image_merges_its_own_windows_over_the_threshold():
+    """The official count is the batch's minimum; here an image gets what it gets alone,
+    the batch padded with empty slots (mask 0, size 0, not in the key set)."""
+    case = GOLDEN["vision"][0]
+    x = tensor(case["x"])
+    b, n, _ = x.shape
+    cls = torch.rand(b, 1, n, generator=torch.Generator().manual_seed(0))
+    vision = MustDropVision(window=case["window"], threshold=0.3, key_rate=0.5)
+    sig = Signals(prefix=1, size=torch.ones(b, n, 1), cls_attn=cls)
+    red = vision(x, sig)
+    widths = []
+    for i in range(b):
+        one_sig = Signals(prefix=1, size=torch.ones(1, n, 1), cls_attn=cls[i : i + 1])
+        one = vision(x[i : i + 1], one_sig)
+        k = one.num_tokens
+        widths.append(k)
+        torch.testing.assert_close(red.x[i, :k], one.x[0])
+        assert red.index[i, :k].tolist() == one.index[0].tolist()
+        assert sig.state[KEY][i, : k - 1].tolist() == one_sig.state[KEY][0].tolist()
+        assert not sig.state[KEY][i, k - 1 :].any()
+    assert len(set(widths)) > 1, "the case should give the images different counts"
+    assert red.mask is not None and red.mask.sum(1).tolist() == widths

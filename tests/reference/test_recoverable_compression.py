@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from reference.core import Signals
 from reference.llava import TINY, LlavaHost
 from reference.recoverable_compression import RecoverableCompression, lof_outliers
 from tests.reference.conftest import (
@@ -15,6 +17,7 @@ from tests.reference.conftest import (
     make_signals,
     tokens,
 )
+from tests.reference.fixtures import load, tensor
 
 
 def naive_lof(values: list[float], k: int) -> list[bool]:
@@ -144,3 +147,29 @@ def test_llava_host_cached_decoding_equals_recomputation():
     vis, red = host.encode_images(images, dict(state))
     assert vis.shape[1] < 16 and red is not None and red.num_tokens - 1 == vis.shape[1]
     assert_cached_decoding_matches(host, images, prefix, suffix, valid, state=state)
+
+
+GOLDEN = load("recoverable_compression")
+
+
+@pytest.mark.parametrize("case", GOLDEN["cases"], ids=lambda c: c["name"])
+def test_reproduces_the_official_text_guided_recovery_golden_fixture(case):
+    """Same recovered tokens (spatial order), centres (by CLS attention), extra token and
+    values as the official ``token_recycling_with_text_in_vision_and_clustring`` (batch 1).
+    Its two documented indexing bugs are kept out of reach (fixture ``produced``): the width
+    C equals the remaining-token count (or there is no outlier), and ``k`` holds the keys
+    the official code actually read for each token."""
+    x = tensor(case["x"])
+    b, n, _ = x.shape
+    signals = Signals(
+        prefix=1,
+        size=torch.ones(b, n, 1),
+        cls_attn=tensor(case["cls_attn"])[:, None],  # [1, 1, N], the official one-head row
+        keys=tensor(case["k"]),  # the keys the official code used for each token
+        state={"text": tensor(case["text"])[:, None]},  # [1, 1, C]
+    )
+    red = RecoverableCompression()(x, signals)
+    assert red.index[0, 1:].tolist() == case["index"]  # the CLS (prefix) is ours, not official
+    n_main = case["n_vision"] + case["n_text"]
+    assert red.num_tokens == 1 + n_main + case["n_centres"] + (case["n_centres"] > 0)
+    torch.testing.assert_close(red.x[:, 1:], tensor(case["out"]), atol=1e-5, rtol=1e-5)
