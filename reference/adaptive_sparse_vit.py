@@ -27,9 +27,9 @@ Deviations from the official code:
   every image with k the batch-mean count of tokens over the threshold (an image's
   result depends on its batch). Here every image keeps exactly its tokens over the
   threshold; the batch is padded to the largest count with *empty slots* (x 0,
-  size 0, index -1, ``Reduction.mask`` 0) after each image's own tokens. With the
-  host's proportional attention (log-size bias) empty slots get no attention, so
-  an image's result does not depend on its batch; without it they are attended.
+  size 0, index -1, ``Reduction.mask`` 0) after each image's own tokens. The hosts
+  mask empty slots out of attention, so an image's result does not depend on its
+  batch.
   Later AS-ViT / A-ViT steps never keep a slot of size 0.
 - ``max_keep`` (default 1.0, i.e. off) caps the kept fraction of an image's
   tokens entering a step (the highest scores stay); it is not in the paper and
@@ -37,9 +37,9 @@ Deviations from the official code:
 - The score is computed under ``torch.no_grad()`` (house rule for scores that are
   not learned), so the budget loss trains the thresholds only; the official code
   also back-propagates it through the attention maps.
-- Training: the host cannot mask attention, so the mask is returned in
-  ``Reduction.mask`` and tokens are not removed; the official code applies it as an
-  attention policy (as DynamicViT). The mask is multiplied with the previous
+- Training: the mask is returned in ``Reduction.mask`` and tokens are not
+  removed; the official code applies it as an attention policy (as DynamicViT),
+  and so does the ViT host. The mask is multiplied with the previous
   stage's mask (kept in ``signals.state``) so dropped tokens stay dropped; the
   official code relies on the masked attention to push their scores to ~0.
 - The budget-aware loss, the distillation losses and the optional score

@@ -32,9 +32,10 @@ Deviations from the official code:
 - The host computes the attention output with its own softmax; only the scores
   use the official ``+ 1e-6 / N``, rebuilt from the CLS probabilities.
 - Batches: the official code zero-pads every image to the batch maximum and
-  masks the padding out of later attention (``policy``). The host has no
-  attention mask, so each image is padded with its highest-scoring *unsampled*
-  real tokens instead, after its sampled ones; ``Reduction.mask`` marks them 0.
+  masks the padding out of later attention (``policy``). Here each image is
+  padded with its highest-scoring *unsampled* real tokens, after its sampled
+  ones; ``Reduction.mask`` marks them 0 and the hosts mask them out of attention,
+  so the other tokens see what they would see alone.
   A batch of one (or of equal counts) has no filler and ``mask`` is None.
 - Scores and the CDF are computed in float32 whatever the input dtype, so
   bfloat16 does not collapse nearby CDF levels.

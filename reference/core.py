@@ -142,6 +142,10 @@ class TokenReducer(nn.Module):
     kind: str = ""
     needs: frozenset[str] = frozenset()
     where: str = "mid"
+    # Whether the hosts apply ``Reduction.mask`` to later attention (empty slots and
+    # dropped tokens masked out as keys; a soft or differentiable mask as DynamicViT's
+    # attention policy). False for a method whose mask means something else.
+    masks_attention: ClassVar[bool] = True
     # What the implementation was checked against: "official code", or, where no
     # official code exists, what was read instead (shown on the site).
     basis: str = "official code"

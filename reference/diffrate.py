@@ -28,10 +28,11 @@ Deviations from the official code:
 - Search (training) path: the token count stays fixed and the mask is returned in
   ``Reduction.mask`` and carried to later blocks in ``signals.state``. The official
   attention also applies the mask (``softmax_with_policy``), which lets masked tokens
-  sink to the bottom of the CLS-attention ranking; the host has no attention mask, so
-  masked tokens are ranked last explicitly. The straight-through counts of every
-  block go to ``signals.state["diffrate_kept"]`` for :func:`search_flops`; the loss,
-  the optimiser and the FLOPs target are left to the caller.
+  sink to the bottom of the CLS-attention ranking; the ViT host applies it the same
+  way, and masked tokens are also ranked last explicitly (for a caller's own
+  signals). The straight-through counts of every block go to
+  ``signals.state["diffrate_kept"]`` for :func:`search_flops`; the loss, the
+  optimiser and the FLOPs target are left to the caller.
 - Merging scores all ``M x M`` image-token pairs and masks the non-destinations
   (one function serves both paths); the official code scores sources x destinations.
 - Sizes: a destination's ``size`` is the sum of what it absorbed, as the contract of

@@ -304,10 +304,10 @@ class LlavaHost(nn.Module):
                 x = reduction.x
         return self.mm_projector(x[:, 1:]), reduction
 
-    @staticmethod
-    def _image_valid(vis: Tensor, reduction: Reduction | None) -> Tensor:
+    def _image_valid(self, vis: Tensor, reduction: Reduction | None) -> Tensor:
         """``[B, Nv']`` False for the empty slots a vision reducer padded a sample with."""
-        if reduction is None or reduction.mask is None:
+        reducer = self.vision_reducer
+        if reduction is None or reduction.mask is None or not reducer.masks_attention:
             return torch.ones(vis.shape[:2], dtype=torch.bool, device=vis.device)
         return reduction.mask[:, 1:] > 0
 

@@ -30,7 +30,8 @@ Deviations from the official code:
   losses, ``Reduction.mask`` is added: it equals 1 on every kept token in value,
   with the straight-through gradient of the router's softmax weights, so that a
   training loop (and the shared contract) reaches the queries through it; the
-  official router learns only from the auxiliary heads.
+  official router learns only from the auxiliary heads. The hosts do not apply
+  this mask to attention (``masks_attention`` is False).
 - Auxiliary logits (``num_classes > 0``) are appended to
   ``signals.state["token_cropr.aux_logits"]``; the training loop adds their
   cross-entropy (the official loss sums them unweighted with the main loss);
@@ -95,6 +96,7 @@ class TokenCropr(TokenReducer):
     kind = "pruning"
     needs = frozenset()
     where = "pre"
+    masks_attention = False  # the training mask is 1 in value: a gradient path only
 
     test_configs: ClassVar[dict[str, dict]] = {
         "zero": {"dim": 32, "r": 0},

@@ -29,7 +29,7 @@ Deviations from the official code:
 - Training (dTPS): the token count stays fixed and the hard Gumbel decisions are
   returned in ``Reduction.mask`` and carried to the next TPS step in ``signals.state``.
   The official model also masks the attention of every later block with them
-  (``softmax_with_policy``); the host has no attention mask, so that part is left out.
+  (``softmax_with_policy``), and so does the ViT host.
   The training losses (DynamicViT's keep-ratio, distillation and KL terms) are left
   out; ``keep_rate`` only acts at inference (in training it enters through that loss).
 - The matching scores all ``M x M`` image-token pairs and masks the non-hosts (one

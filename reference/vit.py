@@ -128,11 +128,12 @@ def softmax_with_policy(logits: Tensor, keep: Tensor, eps: float = 1e-6) -> Tens
     return ((e + eps / n) / (e.sum(dim=-1, keepdim=True) + eps)).to(logits.dtype)
 
 
-def keep_after(keep: Tensor | None, result: Reduction) -> Tensor | None:
-    """The key mask after a reduction: its own ``mask``, else the previous one carried
-    through ``result.index`` (a token the step created is present when its size is not 0).
-    None when every token is present."""
-    if result.mask is not None:
+def keep_after(keep: Tensor | None, result: Reduction, own_mask: bool = True) -> Tensor | None:
+    """The key mask after a reduction: its own ``mask`` (unless ``own_mask`` is False: a
+    mask not meant for attention, ``TokenReducer.masks_attention``), else the previous
+    one carried through ``result.index`` (a token the step created is present when its
+    size is not 0). None when every token is present."""
+    if own_mask and result.mask is not None:
         new = result.mask
     elif keep is None:
         return None
@@ -207,7 +208,7 @@ class HostState:
             ),
         )
         self.size = result.size
-        self.keep = keep_after(self.keep, result)
+        self.keep = keep_after(self.keep, result, reducer.masks_attention)
         self.reductions.append(result)
         if self.proportional_wanted and result.num_tokens != x.shape[1]:
             self.proportional = True

@@ -20,8 +20,9 @@ Deviations from the official code:
   left out (they do not reduce tokens).
 - Host mapping: one ``ViTSlim`` per block at the ``"pre"`` hook. In training
   (search) it returns the tokens unchanged and ``tanh(zeta)`` as
-  ``Reduction.mask``; the host does not apply masks, so the caller multiplies the
-  normalised attention/MLP inputs by it (the official ``x *= z_patch``). In eval
+  ``Reduction.mask``; the hosts do not apply this mask (``masks_attention`` is
+  False), so the caller multiplies the normalised attention/MLP inputs by it (the
+  official ``x *= z_patch``). In eval
   the tokens outside the mask are removed, where the official retrained model
   zeroes their attention/MLP inputs and keeps them in the residual stream (its
   FLOPs count assumes removal).
@@ -83,6 +84,7 @@ class ViTSlim(TokenReducer):
     needs = frozenset()
     where = "pre"
 
+    masks_attention = False  # the search mask scales attention/MLP inputs instead
     test_configs: ClassVar[dict[str, dict]] = {
         "zero": {"num_tokens": 17, "keep": 1.0},
         "some": {"num_tokens": 17, "keep": 0.5},
@@ -108,6 +110,10 @@ class ViTSlim(TokenReducer):
     def forward(self, x: Tensor, signals: Signals) -> Reduction:
         b, n, _ = x.shape
         prefix = signals.prefix
+        if n > self.zeta.shape[0]:
+            raise ValueError(
+                f"ViTSlim was built for num_tokens={self.zeta.shape[0]} positions, got {n} tokens"
+            )
         if b == 0 and not self.training:  # an empty batch: the budget's shapes
             return empty_batch(x, signals.size, self.budget(n, prefix)[0])
         pos = positions(signals, n, b, x.device)
