@@ -13,6 +13,10 @@ Hooks:
   reducer that names them in ``needs``, that layer's full maps and pre-softmax
   logits (FiCoCo-V) and the next block's full-width query and key projections
   of these features (PruMerge; None when the selected layer is the last block).
+- ``projector``: a ``reference.projector.Projector`` (resampler, abstractor,
+  pooling projector) in place of the MLP projector: it maps the selected layer's
+  patch features (after the vision reducer, if any) to its own number of image
+  tokens, with every vision block's output at hand (``ProjectorSignals``).
 - ``llm[layer]``: an ``LLMReducer`` applied to the hidden states after decoder
   layer ``layer`` during prefill, with the attention of each sample's last
   instruction token to every key of that layer (FastV), and, for a reducer that
@@ -40,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reference.core import Reduction, Signals, TokenReducer, gather_tokens
+from reference.projector import Projector, ProjectorSignals
 from reference.vit import HostState, VisionTransformer
 
 
@@ -253,6 +258,7 @@ class LlavaHost(nn.Module):
         self.norm = RMSNorm(cfg.hidden, cfg.eps)
         self.lm_head = nn.Linear(cfg.hidden, cfg.vocab, bias=False)
         self.vision_reducer: TokenReducer | None = None
+        self.projector: Projector | None = None
         self.llm_reducers = nn.ModuleDict()
         self.llm_by_layer: dict[int, LLMReducer] = {}
         self.renumber: bool | None = None
@@ -265,10 +271,13 @@ class LlavaHost(nn.Module):
         vision: TokenReducer | None = None,
         llm: dict[int, LLMReducer] | None = None,
         renumber: bool | None = None,
+        projector: Projector | None = None,
     ) -> LlavaHost:
         """Attach the reducers. ``renumber``: renumber positions ``0..n-1`` after every
-        LLM-stage drop (True), never (False), or as each reducer's ``renumber`` says (None)."""
+        LLM-stage drop (True), never (False), or as each reducer's ``renumber`` says (None).
+        ``projector``: a projector method in place of the MLP projector (None: the MLP)."""
         self.vision_reducer = vision
+        self.projector = projector
         self.llm_by_layer = dict(llm or {})
         self.renumber = renumber
         # Registered as submodules too, so .to() and .parameters() reach them.
@@ -283,15 +292,18 @@ class LlavaHost(nn.Module):
         x = torch.cat([vt.cls_token.expand(x.shape[0], -1, -1), x], 1) + vt.pos_embed
         ctx = HostState(x, 1, proportional=False)
         reducer, reduction = self.vision_reducer, None
+        layers: list[Tensor] = []
         for i, block in enumerate(vt.blocks[: self.cfg.vision_layer + 1]):
             ctx.layer = i
             if i < self.cfg.vision_layer:
                 x = block(x, ctx)
+                layers.append(x)
                 continue
             needs = (reducer.needs if reducer else frozenset()) | {"cls_attn", "keys"}
             out, signals = block.attn(block.norm1(x), None, needs)
             x = x + out
             x = x + block.mlp(block.norm2(x))
+            layers.append(x)
             if needs & {"next_q", "next_k"} and i + 1 < len(vt.blocks):
                 # The next block's full-width q and k of this output (None after the last).
                 nxt, c = vt.blocks[i + 1], x.shape[-1]
@@ -302,11 +314,18 @@ class LlavaHost(nn.Module):
                     x, Signals(prefix=1, size=ctx.size, layer=i, state=state, **signals)
                 )
                 x = reduction.x
+        if self.projector is not None:
+            side = vt.patch_embed.num_patches**0.5
+            grid = (int(side), int(side))
+            signals = ProjectorSignals(layers=tuple(layers), grid=grid, state=state)
+            return self.projector(x[:, 1:], signals), reduction
         return self.mm_projector(x[:, 1:]), reduction
 
     def _image_valid(self, vis: Tensor, reduction: Reduction | None) -> Tensor:
         """``[B, Nv']`` False for the empty slots a vision reducer padded a sample with."""
         reducer = self.vision_reducer
+        if self.projector is not None:  # the projector's tokens are all present
+            reduction = None
         if reduction is None or reduction.mask is None or not reducer.masks_attention:
             return torch.ones(vis.shape[:2], dtype=torch.bool, device=vis.device)
         return reduction.mask[:, 1:] > 0

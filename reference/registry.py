@@ -7,11 +7,11 @@ import importlib
 import pkgutil
 from dataclasses import dataclass
 
-from reference.core import TokenReducer
+from torch import nn
 
 # Modules of the package that are infrastructure, not papers.
-INFRASTRUCTURE = frozenset({"core", "registry", "vit", "llava", "ops", "bench"})
-_REGISTRY: dict[str, type[TokenReducer]] = {}
+INFRASTRUCTURE = frozenset({"core", "registry", "vit", "llava", "ops", "bench", "projector"})
+_REGISTRY: dict[str, type] = {}  # TokenReducer, LLMReducer or Projector classes
 
 
 @dataclass(frozen=True)
@@ -19,10 +19,10 @@ class Entry:
     catalog_id: str
     module: str
     kind: str
-    cls: type[TokenReducer]
+    cls: type
 
 
-def register(cls: type[TokenReducer]) -> type[TokenReducer]:
+def register(cls: type) -> type:
     """Class decorator; refuses a second class for the same catalog id."""
     key = cls.catalog_id
     if not key:
@@ -51,7 +51,7 @@ def entries(pattern: str = "*") -> list[Entry]:
     ]
 
 
-def create(catalog_id: str, **kwargs) -> TokenReducer:
+def create(catalog_id: str, **kwargs) -> nn.Module:
     _import_all()
     if catalog_id not in _REGISTRY:
         raise KeyError(f"no reference implementation for {catalog_id!r}")

@@ -18,7 +18,9 @@ if TYPE_CHECKING:
     from tools.loader import Entry
 
 # Modules of the reference package that serve every method (contract, registry, hosts).
-INFRASTRUCTURE = frozenset({"__init__", "core", "registry", "vit", "llava", "bench", "ops"})
+INFRASTRUCTURE = frozenset(
+    {"__init__", "core", "registry", "vit", "llava", "bench", "ops", "projector"}
+)
 
 
 def declared_ids(path: Path) -> list[tuple[str, int]]:
