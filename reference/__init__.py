@@ -1,5 +1,9 @@
 """Reference implementations of the catalog's token-reduction methods.
 
+    import reference
+    with reference.attach(model, "tome", r=8):  # a timm ViT, or a reference host
+        logits = model(images)
+
 One module per paper, named after its catalog id (``reference/<id>.py``); the
 catalog entry names its module in ``reference:`` and the module names its
 entry with ``catalog_id``; ``python -m tools validate`` checks both directions,
@@ -43,3 +47,7 @@ token and only drop or merge image tokens; kept tokens keep their position ids.
 Signals the host cannot compute (text features for text-guided methods) are
 passed in ``state`` by the caller.
 """
+
+from reference.attach import Handle, attach
+
+__all__ = ["Handle", "attach"]

@@ -65,6 +65,11 @@ class FastV(LLMReducer):
         # The paper's K = 2: prune after layer 1 (0-based), from that layer's attention.
         return {"llm": {1: cls(ratio=1 - keep / n_image)}}
 
+    @classmethod
+    def paper_placement(cls, num_layers: int, **kwargs) -> dict[int, FastV]:
+        # K = 2: prune after decoder layer 1 (0-based), from that layer's attention.
+        return {1: cls(**kwargs)} if num_layers > 2 else {}
+
     def kept(self, image_len: int) -> int:
         return image_len - round(image_len * self.ratio)
 

@@ -135,6 +135,13 @@ class LLMReducer(nn.Module):
         """Fewest and most image tokens left (equal when exact)."""
         raise NotImplementedError
 
+    @classmethod
+    def paper_placement(cls, num_layers: int, **kwargs) -> dict[int, LLMReducer]:
+        """The method at the decoder layers its paper uses, for a decoder of ``num_layers``
+        (``reference.attach`` without ``layers``); ``kwargs`` go to the constructor.
+        Empty: the paper gives no placement, and the caller must name the layers."""
+        return {}
+
 
 def bench_setting(cls: type, keep: int, n_image: int, cfg: LlavaConfig) -> dict | None:
     """Where and how to attach ``cls`` to keep ``keep`` of ``n_image`` visual tokens.

@@ -94,6 +94,15 @@ class PyramidDrop(LLMReducer):
         """
         return {layer - 1: cls(lam ** (s + 1)) for s, layer in enumerate(sorted(layers))}
 
+    @classmethod
+    def paper_placement(cls, num_layers: int, lam: float = 0.5, **kwargs) -> dict[int, PyramidDrop]:
+        """The official LLaVA-1.5 pyramid ``layer_list = [8, 16, 24]`` of 32 layers, scaled
+        to ``num_layers`` (stage boundaries at a quarter, half and three quarters)."""
+        if kwargs:
+            raise ValueError(f"PyramidDrop's placement takes lam only, got {sorted(kwargs)}")
+        bounds = sorted({max(1, round(num_layers * q)) for q in (0.25, 0.5, 0.75)})
+        return cls.schedule([b for b in bounds if b < num_layers], lam)
+
     def kept(self, n_image: int) -> int:
         # The official code truncates: ``int(N * ratio)``; a tolerance guards 0.3 * 10 = 2.999...
         return min(n_image, math.floor(n_image * self.retain + 1e-9))

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from torch import nn
 
 # Modules of the package that are infrastructure, not papers.
-INFRASTRUCTURE = frozenset({"core", "registry", "vit", "llava", "ops", "bench", "projector"})
+INFRASTRUCTURE = frozenset(
+    {"core", "registry", "vit", "llava", "ops", "bench", "projector", "attach", "adapters"}
+)
 _REGISTRY: dict[str, type] = {}  # TokenReducer, LLMReducer or Projector classes
 
 

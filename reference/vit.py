@@ -66,37 +66,60 @@ class Attention(nn.Module):
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, H, N, D]
-        bias = size.log().to(q.dtype)[:, None, None, :, 0] if size is not None else None
-        policy = None
-        if keep is not None and is_hard(keep):
-            masked = key_padding_bias(keep, q.dtype)  # [B, 1, N, N]
-            bias = masked if bias is None else bias + masked
-        elif keep is not None:
-            policy = keep
-        signals: dict[str, Tensor] = {}
-        if policy is not None or "attn" in needs or "attn_logits" in needs:
-            logits = (q * self.scale) @ k.transpose(-2, -1)  # [B, H, N, N]
-            if bias is not None:
-                logits = logits + bias
-            attn = logits.softmax(dim=-1) if policy is None else softmax_with_policy(logits, policy)
-            out = attn @ v
-            signals["attn"] = attn
-            signals["cls_attn"] = attn[:, :, 0]
-            if "attn_logits" in needs:
-                signals["attn_logits"] = logits
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-            if "cls_attn" in needs:
-                with torch.no_grad():
-                    logits = (q[:, :, :1] * self.scale) @ k.transpose(-2, -1)  # [B, H, 1, N]
-                    if bias is not None:
-                        logits = logits + bias[:, :, :1]
-                    signals["cls_attn"] = logits.softmax(dim=-1)[:, :, 0]  # [B, H, N]
-        if "keys" in needs:
-            signals["keys"] = k.mean(dim=1)  # [B, N, D]
-        if "values" in needs:
-            signals["values"] = v
+        out, signals = attend(q, k, v, self.scale, size, needs, keep)
         return self.proj(out.transpose(1, 2).reshape(b, n, c)), signals
+
+
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    size: Tensor | None,
+    needs: frozenset[str],
+    keep: Tensor | None = None,
+    dropout: float = 0.0,
+    fused: bool = True,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Multi-head attention ``[B, H, N, D]`` with the signals a method asked for.
+
+    ``size [B, N, 1]`` adds the proportional-attention bias ``log s`` (None: off);
+    ``keep [B, N]`` masks keys (see the module docstring). Without either, the
+    attention is ``scaled_dot_product_attention`` itself, as in timm. Shared by this
+    host and the timm adapter (``reference.adapters.timm``); ``fused=False`` always
+    takes the explicit path, as timm's non-fused attention does.
+    """
+    bias = size.log().to(q.dtype)[:, None, None, :, 0] if size is not None else None
+    policy = None
+    if keep is not None and is_hard(keep):
+        masked = key_padding_bias(keep, q.dtype)  # [B, 1, N, N]
+        bias = masked if bias is None else bias + masked
+    elif keep is not None:
+        policy = keep
+    signals: dict[str, Tensor] = {}
+    if not fused or policy is not None or "attn" in needs or "attn_logits" in needs:
+        logits = (q * scale) @ k.transpose(-2, -1)  # [B, H, N, N]
+        if bias is not None:
+            logits = logits + bias
+        attn = logits.softmax(dim=-1) if policy is None else softmax_with_policy(logits, policy)
+        out = F.dropout(attn, dropout) @ v if dropout else attn @ v
+        signals["attn"] = attn
+        signals["cls_attn"] = attn[:, :, 0]
+        if "attn_logits" in needs:
+            signals["attn_logits"] = logits
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+        if "cls_attn" in needs:
+            with torch.no_grad():
+                logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)  # [B, H, 1, N]
+                if bias is not None:
+                    logits = logits + bias[:, :, :1]
+                signals["cls_attn"] = logits.softmax(dim=-1)[:, :, 0]  # [B, H, N]
+    if "keys" in needs:
+        signals["keys"] = k.mean(dim=1)  # [B, N, D]
+    if "values" in needs:
+        signals["values"] = v
+    return out, signals
 
 
 def is_hard(keep: Tensor) -> bool:

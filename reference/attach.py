@@ -1,0 +1,240 @@
+"""``reference.attach``: one call to put a method on a model, where its paper puts it.
+
+    import reference
+    with reference.attach(model, "tome", r=8):   # a catalog id or a method instance
+        logits = model(images)
+    # leaving the block (or ``handle.detach()``) restores the model exactly
+
+Models: the reference ViT host (``reference.vit``), a timm ``VisionTransformer``
+(``reference.adapters.timm``) and the reference LLaVA host (``reference.llava``).
+Placement: ``layers=[...]`` names the blocks (decoder layers for a language-model
+method); without it the method's paper setting decides (``paper_setting`` of a
+ViT method, ``paper_placement`` of a language-model method), and a method without
+one is refused with the reason. Keyword arguments go to the method's constructor
+and override the paper setting's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from torch import nn
+
+from reference import registry
+from reference.core import TokenReducer
+from reference.llava import LlavaHost, LLMReducer
+from reference.projector import Projector
+from reference.vit import HostState, VisionTransformer
+
+
+class Handle:
+    """An attached method; a context manager. ``detach`` restores the model (idempotent).
+
+    Attributes:
+        model: the patched model.
+        reducers: the attached method instances, by block (or decoder layer); for a
+            vision-stage or projector method on the LLaVA host, keyed ``"vision"`` or
+            ``"projector"``.
+    """
+
+    def __init__(self, model: nn.Module, reducers: dict, undo: Callable[[], None], state=None):
+        self.model, self.reducers = model, reducers
+        self._undo, self._state = undo, state
+
+    @property
+    def last_state(self) -> HostState | None:
+        """The host state of the model's last forward (ViT models)."""
+        return self._state() if self._state is not None else None
+
+    def tokens_after(self) -> list[int]:
+        """Token count after each reduction of the last forward (ViT models)."""
+        state = self.last_state
+        if state is None:
+            raise RuntimeError("run a forward first")
+        return [r.num_tokens for r in state.reductions]
+
+    def detach(self) -> None:
+        if self._undo is not None:
+            self._undo()
+            self._undo = None
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+
+def attach(
+    model: nn.Module,
+    method: str | nn.Module | dict[int, nn.Module],
+    /,
+    *,
+    layers: Iterable[int] | None = None,
+    proportional_attn: bool | None = None,
+    **kwargs,
+) -> Handle:
+    """Attach ``method`` (a catalog id, or a method instance) to ``model``.
+
+    Args:
+        model: a reference host or a timm ``VisionTransformer``.
+        method: a catalog id (``"tome"``), an instance (it needs ``layers``), or a dict
+            of instances by block (decoder layer).
+        layers: blocks (decoder layers) to act at; None: the paper's placement.
+        proportional_attn: ToMe's size bias in attention (ViT models); None: the
+            paper setting's choice (off for an instance).
+        **kwargs: constructor arguments of the method (with a catalog id only).
+
+    Raises:
+        ValueError: the model or the method's placement is not supported, with why.
+    """
+    from reference.adapters import timm as timm_adapter
+
+    if isinstance(model, VisionTransformer) or timm_adapter.is_timm_vit(model):
+        reducers, proportional = _vit_reducers(model, method, layers, proportional_attn, kwargs)
+        if isinstance(model, VisionTransformer):
+            return _attach_own_vit(model, reducers, proportional)
+        patch = timm_adapter.attach(model, reducers, proportional)
+        return Handle(model, reducers, patch.undo, lambda: patch.last_state)
+    if isinstance(model, LlavaHost):
+        if isinstance(method, dict):
+            if kwargs or layers is not None:
+                raise ValueError("attach: a dict of instances takes no layers or keyword arguments")
+            method, layers = _one_instance(method)
+        if proportional_attn:
+            raise ValueError("attach: proportional_attn applies to ViT models only")
+        return _attach_llava(model, method, layers, kwargs)
+    raise ValueError(
+        f"attach: {type(model).__name__} is not supported; supported: reference.vit."
+        "VisionTransformer, timm VisionTransformer, reference.llava.LlavaHost"
+    )
+
+
+def _one_instance(methods: dict) -> tuple[nn.Module, list[int]]:
+    """A dict of one LLM method instance by decoder layer, for the LLaVA host."""
+    instances = {id(m): m for m in methods.values()}
+    if len(instances) != 1:
+        raise ValueError("attach: on the LLaVA host, a dict must map layers to one instance")
+    return next(iter(instances.values())), list(methods)
+
+
+def _method_class(catalog_id: str) -> type:
+    found = [e.cls for e in registry.entries(catalog_id) if e.catalog_id == catalog_id]
+    if not found:
+        raise ValueError(f"attach: no reference implementation for {catalog_id!r}")
+    return found[0]
+
+
+def _check_layers(layers: Iterable[int], count: int, what: str) -> list[int]:
+    layers = list(layers)
+    bad = [i for i in layers if not 0 <= i < count]
+    if bad or not layers:
+        raise ValueError(f"attach: layers must be {what} indices in [0, {count}), got {layers}")
+    return layers
+
+
+def _vit_reducers(model, method, layers, proportional_attn, kwargs):
+    depth, dim = len(model.blocks), model.embed_dim
+    if isinstance(method, dict):
+        if kwargs or layers is not None:
+            raise ValueError("attach: a dict of instances takes no layers or keyword arguments")
+        chosen = _check_layers(method, depth, "block")
+        if not all(isinstance(m, TokenReducer) for m in method.values()):
+            raise ValueError("attach: every method of the dict must act on ViT tokens")
+        return {i: method[i] for i in chosen}, bool(proportional_attn)
+    if isinstance(method, nn.Module):
+        if kwargs:
+            raise ValueError("attach: keyword arguments go with a catalog id, not an instance")
+        if not isinstance(method, TokenReducer):
+            raise ValueError(f"attach: {type(method).__name__} does not act on ViT tokens")
+        if layers is None:
+            raise ValueError("attach: say where a method instance acts: layers=[...]")
+        chosen = _check_layers(layers, depth, "block")
+        return {i: method for i in chosen}, bool(proportional_attn)
+    cls = _method_class(method)
+    if not issubclass(cls, TokenReducer):
+        raise ValueError(
+            f"attach: {method!r} acts in a language model or projector; a ViT has neither"
+        )
+    setting, proportional = cls.paper_setting(depth, dim)
+    if layers is None:
+        if not setting:
+            raise ValueError(f"attach: {method!r} has no paper placement; pass layers=[...]")
+        reducers = {i: cls(**{**kw, **kwargs}) for i, kw in setting.items()}
+    else:
+        chosen = _check_layers(layers, depth, "block")
+        reducers = {i: cls(**{**setting.get(i, {}), **kwargs}) for i in chosen}
+    if proportional_attn is not None:
+        proportional = proportional_attn
+    return {i: r.eval() if not model.training else r for i, r in reducers.items()}, proportional
+
+
+def _attach_own_vit(model: VisionTransformer, reducers: dict, proportional: bool) -> Handle:
+    before = {i: block.reducer for i, block in enumerate(model.blocks)}
+    was_proportional = model.proportional_attn
+    if any(r is not None for r in before.values()):
+        raise ValueError("attach: this host already has methods attached; detach them first")
+    param = next(model.parameters())
+    for reducer in reducers.values():
+        reducer.to(device=param.device)
+    for i, reducer in reducers.items():
+        model.blocks[i].reducer = reducer
+    model.proportional_attn = proportional
+
+    def undo() -> None:
+        for i, block in enumerate(model.blocks):
+            block.reducer = before[i]
+        model.proportional_attn = was_proportional
+
+    return Handle(model, reducers, undo, lambda: model.last_state)
+
+
+def _attach_llava(host: LlavaHost, method, layers, kwargs) -> Handle:
+    before = (host.vision_reducer, dict(host.llm_by_layer), host.renumber, host.projector)
+    if before[0] is not None or before[1] or before[3] is not None:
+        raise ValueError("attach: this host already has methods attached; detach them first")
+    cfg = host.cfg
+    if isinstance(method, nn.Module):
+        if kwargs:
+            raise ValueError("attach: keyword arguments go with a catalog id, not an instance")
+        instance, cls = method, type(method)
+    else:
+        cls, instance = _method_class(method), None
+    if issubclass(cls, LLMReducer):
+        if instance is not None:
+            if layers is None:
+                raise ValueError("attach: say where a method instance acts: layers=[...]")
+            llm = {i: instance for i in _check_layers(layers, cfg.layers, "decoder layer")}
+        elif layers is not None:
+            llm = {i: cls(**kwargs) for i in _check_layers(layers, cfg.layers, "decoder layer")}
+        else:
+            llm = cls.paper_placement(cfg.layers, **kwargs)
+            if not llm:
+                raise ValueError(f"attach: {method!r} has no paper placement; pass layers=[...]")
+        host.apply(llm=llm)
+        reducers: dict = dict(llm)
+    elif layers is not None:
+        raise ValueError(f"attach: {cls.catalog_id!r} acts at the vision hook; layers do not apply")
+    elif issubclass(cls, Projector):
+        dims = {"in_dim": cfg.vision["embed_dim"], "out_dim": cfg.hidden}
+        projector = instance if instance is not None else cls(**{**dims, **kwargs})
+        host.apply(projector=projector)
+        reducers = {"projector": projector}
+    elif issubclass(cls, TokenReducer):
+        vision = instance if instance is not None else cls(**kwargs)
+        host.apply(vision=vision)
+        reducers = {"vision": vision}
+    else:
+        raise ValueError(f"attach: {cls.__name__} is not a method of the reference contract")
+    param = next(host.parameters())
+    for reducer in reducers.values():
+        reducer.to(device=param.device, dtype=param.dtype).train(host.training)
+
+    def undo() -> None:
+        vision, llm, renumber, projector = before
+        host.apply(vision=vision, llm=llm, renumber=renumber, projector=projector)
+
+    return Handle(host, reducers, undo)
+
+
+__all__ = ["Handle", "attach"]
