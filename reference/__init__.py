@@ -1,8 +1,12 @@
 """Reference implementations of the catalog's token-reduction methods.
 
     import reference
-    with reference.attach(model, "tome", r=8):  # a timm ViT, or a reference host
+
+    with reference.attach(model, "tome", r=13):  # a timm ViT or a reference host
         logits = model(images)
+    with reference.attach(llava, "visionzip", dominant=54, contextual=10):  # transformers
+        out = llava.generate(**inputs, max_new_tokens=32)  # 64 of 576 visual tokens
+    # leaving a block (or ``handle.detach()``) restores the model exactly
 
 One module per paper, named after its catalog id (``reference/<id>.py``); the
 catalog entry names its module in ``reference:`` and the module names its

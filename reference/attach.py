@@ -88,8 +88,11 @@ def attach(
     Raises:
         ValueError: the model or the method's placement is not supported, with why.
     """
+    from reference.adapters import hf_llava
     from reference.adapters import timm as timm_adapter
 
+    if hf_llava.is_hf_llava(model):
+        return _attach_hf_llava(model, method, layers, proportional_attn, kwargs)
     if isinstance(model, VisionTransformer) or timm_adapter.is_timm_vit(model):
         reducers, proportional = _vit_reducers(model, method, layers, proportional_attn, kwargs)
         if isinstance(model, VisionTransformer):
@@ -106,8 +109,42 @@ def attach(
         return _attach_llava(model, method, layers, kwargs)
     raise ValueError(
         f"attach: {type(model).__name__} is not supported; supported: reference.vit."
-        "VisionTransformer, timm VisionTransformer, reference.llava.LlavaHost"
+        "VisionTransformer, timm VisionTransformer, reference.llava.LlavaHost, "
+        "transformers LlavaForConditionalGeneration"
     )
+
+
+def _attach_hf_llava(model, method, layers, proportional_attn, kwargs) -> Handle:
+    from reference.adapters import hf_llava
+
+    if proportional_attn or layers is not None:
+        raise ValueError("attach: on a transformers LLaVA, methods act at the vision hook only")
+    if isinstance(method, nn.Module):
+        if kwargs:
+            raise ValueError("attach: keyword arguments go with a catalog id, not an instance")
+        instance, cls = method, type(method)
+    else:
+        cls, instance = _method_class(method), None
+    if issubclass(cls, LLMReducer):
+        raise ValueError(
+            f"attach: {cls.catalog_id!r} acts inside the language model; on transformers "
+            "models only vision-stage methods and projectors are supported so far"
+        )
+    text = model.config.text_config
+    if issubclass(cls, Projector):
+        dims = {"in_dim": model.config.vision_config.hidden_size, "out_dim": text.hidden_size}
+        projector = instance if instance is not None else cls(**{**dims, **kwargs})
+        patch = hf_llava.attach(model, None, projector)
+        reducers = {"projector": projector}
+    elif issubclass(cls, TokenReducer):
+        reducer = instance if instance is not None else cls(**kwargs)
+        patch = hf_llava.attach(model, reducer)
+        reducers = {"vision": reducer}
+    else:
+        raise ValueError(f"attach: {cls.__name__} is not a method of the reference contract")
+    handle = Handle(model, reducers, patch.undo)
+    handle.patch = patch
+    return handle
 
 
 def _one_instance(methods: dict) -> tuple[nn.Module, list[int]]:

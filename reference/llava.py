@@ -297,6 +297,7 @@ class LlavaHost(nn.Module):
         vt = self.vision_tower
         x = vt.patch_embed(images)
         x = torch.cat([vt.cls_token.expand(x.shape[0], -1, -1), x], 1) + vt.pos_embed
+        x = vt.norm_pre(x)
         ctx = HostState(x, 1, proportional=False)
         reducer, reduction = self.vision_reducer, None
         layers: list[Tensor] = []

@@ -169,11 +169,18 @@ def keep_after(keep: Tensor | None, result: Reduction, own_mask: bool = True) ->
     return None
 
 
+class QuickGELU(nn.Module):
+    """CLIP's activation, ``x * sigmoid(1.702 x)``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, act: str = "gelu"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.act = QuickGELU() if act == "quick_gelu" else nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -183,12 +190,20 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """timm's ``Block`` with the two reduction hooks (see the module docstring)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        act: str = "gelu",
+        norm_eps: float = 1e-6,
+    ):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act)
         self.reducer: TokenReducer | None = None
 
     def forward(self, x: Tensor, ctx: HostState) -> Tensor:
@@ -252,8 +267,16 @@ class VisionTransformer(nn.Module):
         num_heads: int = 12,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
+        pre_norm: bool = False,
+        act: str = "gelu",
+        norm_eps: float = 1e-6,
     ):
+        """``pre_norm``, ``act`` (``"gelu"`` or ``"quick_gelu"``) and ``norm_eps`` give
+        CLIP's vision tower (timm's ``pre_norm``, CLIP's activation, LayerNorm eps 1e-5);
+        the defaults are timm's ViT."""
         super().__init__()
+        if act not in ("gelu", "quick_gelu"):
+            raise ValueError(f"act must be 'gelu' or 'quick_gelu', got {act!r}")
         self.num_prefix_tokens = 1
         self.embed_dim = embed_dim
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
@@ -261,10 +284,11 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(
             torch.randn(1, self.patch_embed.num_patches + 1, embed_dim) * 0.02
         )
+        self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
         self.blocks = nn.Sequential(
-            *[Block(embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(depth)]
+            *[Block(embed_dim, num_heads, mlp_ratio, qkv_bias, act, norm_eps) for _ in range(depth)]
         )
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes else nn.Identity()
         self.proportional_attn = False
         self.last_state: HostState | None = None
@@ -273,6 +297,7 @@ class VisionTransformer(nn.Module):
     def forward_features(self, images: Tensor) -> Tensor:
         x = self.patch_embed(images)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.norm_pre(x)
         ctx = HostState(x, self.num_prefix_tokens, self.proportional_attn)
         for layer, block in enumerate(self.blocks):
             ctx.layer = layer

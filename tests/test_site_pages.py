@@ -210,7 +210,8 @@ def test_home_page_counts_released_code_and_shows_newest_releases(catalog):
 
 def test_home_page_lists_recent_additions_once_dates_differ(catalog):
     later = paper(catalog, "tome").model_copy(update={"added": dt.date(2030, 1, 2)})
-    others = [p for p in catalog.papers if p.id != "tome"]
+    first = dt.date(2026, 11, 24)  # every other entry added on one earlier day
+    others = [p.model_copy(update={"added": first}) for p in catalog.papers if p.id != "tome"]
     text = pages.home_page(with_papers(catalog, later, *others))
     section = text.split("## Recently added", 1)[1].split("\n## ", 1)[0]
     assert "| 2030-01-02 | [ToMe: Token Merging" in section

@@ -159,7 +159,8 @@ def _class_attrs(tree: ast.Module) -> dict[str, object]:
                         attrs[stmt.targets[0].id] = ast.literal_eval(value)
             if "catalog_id" in attrs:
                 bases = {getattr(b, "id", "") for b in node.bases}
-                attrs.setdefault("where", "llm" if "LLMReducer" in bases else "mid")
+                hook = "llm" if "LLMReducer" in bases else "mid"
+                attrs.setdefault("where", "projector" if "Projector" in bases else hook)
                 return attrs
     return {}
 
