@@ -16,6 +16,8 @@ and override the paper setting's.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable, Iterable
 
 from torch import nn
@@ -88,11 +90,11 @@ def attach(
     Raises:
         ValueError: the model or the method's placement is not supported, with why.
     """
-    from reference.adapters import hf_llava
     from reference.adapters import timm as timm_adapter
 
-    if hf_llava.is_hf_llava(model):
-        return _attach_hf_llava(model, method, layers, proportional_attn, kwargs)
+    for adapter in _model_adapters():
+        if adapter.matches(model):
+            return adapter.attach_method(model, method, layers, proportional_attn, kwargs)
     if isinstance(model, VisionTransformer) or timm_adapter.is_timm_vit(model):
         reducers, proportional = _vit_reducers(model, method, layers, proportional_attn, kwargs)
         if isinstance(model, VisionTransformer):
@@ -114,39 +116,6 @@ def attach(
     )
 
 
-def _attach_hf_llava(model, method, layers, proportional_attn, kwargs) -> Handle:
-    from reference.adapters import hf_llava
-
-    if proportional_attn or layers is not None:
-        raise ValueError("attach: on a transformers LLaVA, methods act at the vision hook only")
-    if isinstance(method, nn.Module):
-        if kwargs:
-            raise ValueError("attach: keyword arguments go with a catalog id, not an instance")
-        instance, cls = method, type(method)
-    else:
-        cls, instance = _method_class(method), None
-    if issubclass(cls, LLMReducer):
-        raise ValueError(
-            f"attach: {cls.catalog_id!r} acts inside the language model; on transformers "
-            "models only vision-stage methods and projectors are supported so far"
-        )
-    text = model.config.text_config
-    if issubclass(cls, Projector):
-        dims = {"in_dim": model.config.vision_config.hidden_size, "out_dim": text.hidden_size}
-        projector = instance if instance is not None else cls(**{**dims, **kwargs})
-        patch = hf_llava.attach(model, None, projector)
-        reducers = {"projector": projector}
-    elif issubclass(cls, TokenReducer):
-        reducer = instance if instance is not None else cls(**kwargs)
-        patch = hf_llava.attach(model, reducer)
-        reducers = {"vision": reducer}
-    else:
-        raise ValueError(f"attach: {cls.__name__} is not a method of the reference contract")
-    handle = Handle(model, reducers, patch.undo)
-    handle.patch = patch
-    return handle
-
-
 def _one_instance(methods: dict) -> tuple[nn.Module, list[int]]:
     """A dict of one LLM method instance by decoder layer, for the LLaVA host."""
     instances = {id(m): m for m in methods.values()}
@@ -155,7 +124,21 @@ def _one_instance(methods: dict) -> tuple[nn.Module, list[int]]:
     return next(iter(instances.values())), list(methods)
 
 
-def _method_class(catalog_id: str) -> type:
+def _model_adapters() -> list:
+    """The adapter modules of ``reference.adapters`` that take whole models: each has
+    ``matches(model)`` and ``attach_method(model, method, layers, proportional_attn,
+    kwargs) -> Handle`` (the timm adapter is dispatched above, with the ViT hosts)."""
+    import reference.adapters as package
+
+    found = []
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"reference.adapters.{info.name}")
+        if hasattr(module, "matches") and hasattr(module, "attach_method"):
+            found.append(module)
+    return found
+
+
+def method_class(catalog_id: str) -> type:
     found = [e.cls for e in registry.entries(catalog_id) if e.catalog_id == catalog_id]
     if not found:
         raise ValueError(f"attach: no reference implementation for {catalog_id!r}")
@@ -188,7 +171,7 @@ def _vit_reducers(model, method, layers, proportional_attn, kwargs):
             raise ValueError("attach: say where a method instance acts: layers=[...]")
         chosen = _check_layers(layers, depth, "block")
         return {i: method for i in chosen}, bool(proportional_attn)
-    cls = _method_class(method)
+    cls = method_class(method)
     if not issubclass(cls, TokenReducer):
         raise ValueError(
             f"attach: {method!r} acts in a language model or projector; a ViT has neither"
@@ -236,7 +219,7 @@ def _attach_llava(host: LlavaHost, method, layers, kwargs) -> Handle:
             raise ValueError("attach: keyword arguments go with a catalog id, not an instance")
         instance, cls = method, type(method)
     else:
-        cls, instance = _method_class(method), None
+        cls, instance = method_class(method), None
     if issubclass(cls, LLMReducer):
         if instance is not None:
             if layers is None:
@@ -274,4 +257,4 @@ def _attach_llava(host: LlavaHost, method, layers, kwargs) -> Handle:
     return Handle(host, reducers, undo)
 
 
-__all__ = ["Handle", "attach"]
+__all__ = ["Handle", "attach", "method_class"]

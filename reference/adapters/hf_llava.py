@@ -35,7 +35,7 @@ from reference.vit import attend
 _MISSING = object()
 
 
-def is_hf_llava(model: nn.Module) -> bool:
+def matches(model: nn.Module) -> bool:
     try:
         from transformers import LlavaForConditionalGeneration
     except ImportError:  # transformers not installed: no model can be one
@@ -298,4 +298,39 @@ def to_reference_host(model: nn.Module):
     return host.to(next(model.parameters()).dtype).eval()
 
 
-__all__ = ["Patch", "attach", "is_hf_llava", "to_reference_host", "unsupported"]
+def attach_method(model: nn.Module, method, layers, proportional_attn, kwargs: dict):
+    """``reference.attach`` for a transformers LLaVA: returns the ``Handle``."""
+    from reference.attach import Handle, method_class
+    from reference.llava import LLMReducer
+
+    if proportional_attn or layers is not None:
+        raise ValueError("attach: on a transformers LLaVA, methods act at the vision hook only")
+    if isinstance(method, nn.Module):
+        if kwargs:
+            raise ValueError("attach: keyword arguments go with a catalog id, not an instance")
+        instance, cls = method, type(method)
+    else:
+        cls, instance = method_class(method), None
+    if issubclass(cls, LLMReducer):
+        raise ValueError(
+            f"attach: {cls.catalog_id!r} acts inside the language model; on transformers "
+            "models only vision-stage methods and projectors are supported so far"
+        )
+    text = model.config.text_config
+    if issubclass(cls, Projector):
+        dims = {"in_dim": model.config.vision_config.hidden_size, "out_dim": text.hidden_size}
+        projector = instance if instance is not None else cls(**{**dims, **kwargs})
+        patch = attach(model, None, projector)
+        reducers = {"projector": projector}
+    elif issubclass(cls, TokenReducer):
+        reducer = instance if instance is not None else cls(**kwargs)
+        patch = attach(model, reducer)
+        reducers = {"vision": reducer}
+    else:
+        raise ValueError(f"attach: {cls.__name__} is not a method of the reference contract")
+    handle = Handle(model, reducers, patch.undo)
+    handle.patch = patch
+    return handle
+
+
+__all__ = ["Patch", "attach", "attach_method", "matches", "to_reference_host", "unsupported"]
