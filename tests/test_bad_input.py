@@ -159,6 +159,33 @@ def test_duplicate_arxiv_id(ws, cli):
     assert f"{path}:" in result.err and line > 0
 
 
+def _copy_real(ws, paper_id: str) -> str:
+    from tools import paths
+
+    text = (paths.CATALOG / "papers" / f"{paper_id}.yaml").read_text(encoding="utf-8")
+    text = text.replace(f"reference: {paper_id}", "reference: null")
+    ws.write_entry(paper_id, text)
+    return text
+
+
+def test_two_papers_share_an_arxiv_id_only_when_each_pins_its_version(ws, cli):
+    """FasterVLM is v1 of 2412.01818 and VisPruner v2 (released later than the id's month)."""
+    _copy_real(ws, "fastervlm")
+    vispruner = _copy_real(ws, "vispruner")
+    assert cli("validate", *ws.args()).code == 0
+    unpinned = vispruner.replace("2412.01818v2", "2412.01818")
+    ws.write_entry("vispruner", unpinned)
+    result = cli("validate", *ws.args())
+    assert result.code == 1
+    path = ws.entry_path("vispruner")
+    assert f"{path}:{line_of(unpinned, 'arxiv:')}: arxiv: arXiv id 2412.01818 is also" in result.err
+    assert "pin each entry's version" in result.err
+    assert "after the arXiv submission month" in result.err  # unpinned: not a later version
+    ws.write_entry("vispruner", vispruner.replace("2412.01818v2", "2412.01818v1"))
+    result = cli("validate", *ws.args())
+    assert result.code == 1 and "arXiv id 2412.01818 (v1) is also used by fastervlm" in result.err
+
+
 def test_same_code_link_under_two_spellings_is_a_duplicate(ws, cli):
     path = ws.entry_path("evit")
     data = ws.load_entry("evit")

@@ -57,10 +57,12 @@ def check_entry(entry: Entry, taxonomy: Taxonomy, reference_dir: Path) -> list[P
         add("arxiv", "an entry needs an arXiv id or an OpenReview id")
     if paper.arxiv:
         first_month = f"20{paper.arxiv[:2]}-{paper.arxiv[2:4]}"
-        if paper.released > first_month:
-            add("released", f"{paper.released} is after the arXiv submission month {first_month}")
         abstract = f"https://arxiv.org/abs/{paper.arxiv}"
         pinned = paper.links.abstract.removeprefix(abstract)
+        # A pinned later version (another paper under the same id) comes out after the id.
+        later_version = pinned[:1] == "v" and pinned != "v1"
+        if paper.released > first_month and not later_version:
+            add("released", f"{paper.released} is after the arXiv submission month {first_month}")
         if not paper.links.abstract.startswith(abstract) or pinned[:1] not in ("", "v"):
             add("links.abstract", f"expected {abstract} (or {abstract}vN to pin a version)")
         elif paper.links.pdf and paper.links.pdf != f"https://arxiv.org/pdf/{paper.arxiv}{pinned}":
@@ -139,6 +141,48 @@ def _duplicates(entries: list[Entry], key, field: str, what: str, shown=None) ->
     return problems
 
 
+_PINNED = re.compile(r"/abs/[^/]+(v[1-9][0-9]*)$")
+
+
+def _pinned_version(entry: Entry) -> str | None:
+    found = _PINNED.search(entry.paper.links.abstract or "")
+    return found.group(1) if found else None
+
+
+def _arxiv_duplicates(entries: list[Entry]) -> list[Problem]:
+    """Entries that share an arXiv id. Two papers may share one only when each pins its
+    own version in its links (a later version that is another paper: FasterVLM is v1 of
+    2412.01818, VisPruner v2)."""
+    earlier: dict[str, list[Entry]] = defaultdict(list)
+    problems = []
+    for entry in entries:
+        arxiv = entry.paper.arxiv
+        if arxiv is None:
+            continue
+        mine = _pinned_version(entry)
+        for first in earlier[arxiv]:
+            theirs = _pinned_version(first)
+            if first.paper.id != entry.paper.id and (mine is None or theirs in (None, mine)):
+                pin = "" if mine is None or mine != theirs else f" ({mine})"
+                problems.append(
+                    Problem(
+                        entry.path,
+                        entry.line("arxiv"),
+                        "arxiv",
+                        f"arXiv id {arxiv}{pin} is also used by {first.path.name}"
+                        + (
+                            ""
+                            if mine and theirs
+                            else "; if a later version is another paper, "
+                            "pin each entry's version in links.abstract and links.pdf"
+                        ),
+                    )
+                )
+                break
+        earlier[arxiv].append(entry)
+    return problems
+
+
 def _text_key(text: str) -> str:
     """Titles and names compared without case, spacing or punctuation differences."""
     return " ".join(re.sub(r"[^\w]+", " ", text.casefold()).split())
@@ -178,7 +222,7 @@ def check_catalog(
             what,
             lambda e, _, field=field: repr(getattr(e.paper, field)),
         )
-    problems += _duplicates(entries, lambda e: [e.paper.arxiv], "arxiv", "arXiv id")
+    problems += _arxiv_duplicates(entries)
     problems += _duplicates(entries, lambda e: [e.paper.openreview], "openreview", "OpenReview id")
     problems += _duplicates(entries, lambda e: [e.paper.reference], "reference", "module")
     for link in ("abstract", "pdf", "code", "project"):
