@@ -19,7 +19,18 @@ if TYPE_CHECKING:
 
 # Modules of the reference package that serve every method (contract, registry, hosts).
 INFRASTRUCTURE = frozenset(
-    {"__init__", "core", "registry", "vit", "llava", "bench", "ops", "projector", "attach"}
+    {
+        "__init__",
+        "core",
+        "registry",
+        "vit",
+        "llava",
+        "bench",
+        "ops",
+        "projector",
+        "attach",
+        "baselines",
+    }
 )
 
 
