@@ -209,6 +209,18 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from tools.compare import plot, run, table
+
+    result = run(args)
+    output = Path(args.output)
+    figure = output.with_suffix(".png")
+    write_all({output: json.dumps(result, indent=2) + "\n", figure: plot(result)})
+    print(table(result))
+    print(f"{output}: written\n{figure}: written")
+    return 0
+
+
 def cmd_bench_catalog(args) -> int:
     from tools.bench_catalog import run
 
@@ -293,6 +305,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="vit (ViT host), vlm (LLaVA host), or both (default: %(default)s)",
     )
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser(
+        "compare",
+        help="Run methods at budgets on a local LLaVA checkpoint; table, JSON and plot.",
+        description="Put every method at every budget on one local transformers LLaVA "
+        "checkpoint (a save_pretrained folder; nothing is downloaded) and measure, on the "
+        "same inputs and alternately with the dense model: visual tokens kept, prefill "
+        "latency, decode tokens/s, FLOPs, peak memory (CUDA), next-token agreement, the KL "
+        "of the first answer token, and accuracy when answers are given.",
+    )
+    p.add_argument("--model", required=True, metavar="PATH", help="save_pretrained folder")
+    p.add_argument("--methods", required=True, help="catalog ids, comma-separated")
+    p.add_argument(
+        "--budget", default="64,128,192", help="visual tokens kept (default: %(default)s)"
+    )
+    p.add_argument("--images", metavar="DIR", help="folder of the questions' images")
+    p.add_argument("--questions", metavar="FILE", help='JSON lines {"image", "question", "answer"}')
+    p.add_argument("--samples", type=int, default=4, help="random inputs without --questions")
+    p.add_argument("--batch", type=int, default=1, help="batch size (default: %(default)s)")
+    p.add_argument("--new-tokens", type=int, default=8, help="decoded tokens per sample")
+    p.add_argument("--repeat", type=int, default=3, help="timed runs (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument(
+        "-o",
+        "--output",
+        default="compare.json",
+        metavar="FILE",
+        help="JSON results; the plot goes beside it as .png (default: %(default)s)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_compare)
     p = sub.add_parser(
         "refs",
         help="List the reference implementations: id, module, kind (tab-separated).",

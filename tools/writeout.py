@@ -62,8 +62,8 @@ def _temporary(path: Path, data: bytes, mode: int) -> str:
     return tmp
 
 
-def write_all(outputs: dict[Path, str]) -> dict[Path, bool]:
-    """Write every ``path: text`` or none; ``True`` where a file changed.
+def write_all(outputs: dict[Path, str | bytes]) -> dict[Path, bool]:
+    """Write every ``path: text`` (or bytes) or none; ``True`` where a file changed.
 
     Text is written exactly as given (no newline translation); a file whose content
     is already identical is left untouched, so reruns keep modification times.
@@ -71,7 +71,7 @@ def write_all(outputs: dict[Path, str]) -> dict[Path, bool]:
     plan = []
     for path, text in outputs.items():
         target, old, mode = _target(path)
-        data = text.encode("utf-8")
+        data = text if isinstance(text, bytes) else text.encode("utf-8")
         plan.append((path, target, old, mode, data))
     changed = {path: old != data for path, _, old, _, data in plan}
     temporaries: list[tuple[Path, str, bytes | None, int]] = []

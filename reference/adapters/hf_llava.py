@@ -159,7 +159,8 @@ class Patch:
     def __init__(self, model: nn.Module, reducer: TokenReducer | None, projector: Projector | None):
         self.model, self.reducer, self.projector = model, reducer, projector
         self.state: dict = {}
-        self.last_attention_mask: Tensor | None = None
+        self.last_attention_mask: Tensor | None = None  # of the last shrunk prompt
+        self.last_input_ids: Tensor | None = None
         self._saved: list[tuple[str, object]] = []
         original_forward, original_generate = model.forward, model.generate
         self._set("forward", self._wrap(original_forward, generating=False))
@@ -193,7 +194,7 @@ class Patch:
             ids, mask, embeds = shrink_prompt(
                 self.model, input_ids, kwargs.pop("attention_mask", None), tokens, valid
             )
-            self.last_attention_mask = mask
+            self.last_attention_mask, self.last_input_ids = mask, ids
             if generating:
                 return original(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, **kwargs)
             kwargs.pop("position_ids", None)  # they counted the image tokens before the cut
