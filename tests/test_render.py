@@ -268,3 +268,20 @@ def test_sections_follow_the_original_structure(ws, cli):
     assert text.index("## VLM") < text.index("## ViT")
     assert "- [ViT](#vit) (2 papers): [2022](#vit-2022)" in text and "### ViT, 2022" in text
     assert "- [VLM](#vlm) (1 paper): [2024](#vlm-2024)" in text and "### VLM, 2024" in text
+
+
+def test_a_long_year_is_split_by_main_modality_and_a_short_one_is_not():
+    from tools.render_readme import SPLIT_YEAR_ABOVE, sections
+
+    catalog = load_catalog()
+    for section in sections(catalog):
+        for year in section["years"]:
+            if len(year["papers"]) > SPLIT_YEAR_ABOVE:
+                assert year["groups"], f"{year['heading']} has {len(year['papers'])} papers"
+                grouped = [p.id for g in year["groups"] for p in g["papers"]]
+                assert sorted(grouped) == sorted(p.id for p in year["papers"])  # each once
+                for group in year["groups"]:
+                    modality = group["heading"].rsplit(": ", 1)[1]
+                    assert all(p.modality[0] == modality for p in group["papers"])
+            else:
+                assert year["groups"] == []

@@ -52,15 +52,40 @@ class ReadmeError(ValueError):
     """The README's marker comments are missing or malformed."""
 
 
+# A year with more papers than this is split by main modality, so it reads in one screen.
+SPLIT_YEAR_ABOVE = 12
+
+
+def _by_modality(target: str, year: int, papers: list, order: list[str]) -> list[dict]:
+    """Sub-groups of one year by each paper's main (first) modality, in taxonomy order."""
+    if len(papers) <= SPLIT_YEAR_ABOVE:
+        return []
+    rank = {term: i for i, term in enumerate(order)}
+    groups = []
+    for modality in sorted({p.modality[0] for p in papers}, key=lambda m: rank.get(m, 99)):
+        members = [p for p in papers if p.modality[0] == modality]
+        groups.append({"heading": f"{target}, {year}: {modality}", "papers": members})
+    return groups
+
+
 def sections(catalog: Catalog) -> list[dict]:
-    """Papers grouped as the original list: target, then year, newest first."""
+    """Papers grouped as the original list: target, then year, newest first; a long year
+    is split by main modality (``groups``)."""
     out = []
+    order = list(catalog.taxonomy.modality)
     for target in TARGET_ORDER:
         papers = [p for p in catalog.papers if p.target == target]
-        years = [
-            {"year": year, "heading": f"{target}, {year}", "papers": list(group)}
-            for year, group in groupby(papers, key=lambda p: p.year)
-        ]
+        years = []
+        for year, group in groupby(papers, key=lambda p: p.year):
+            members = list(group)
+            years.append(
+                {
+                    "year": year,
+                    "heading": f"{target}, {year}",
+                    "papers": members,
+                    "groups": _by_modality(target, year, members, order),
+                }
+            )
         out.append({"target": target, "count": len(papers), "years": years})
     return out
 
