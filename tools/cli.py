@@ -164,9 +164,20 @@ def cmd_bench(args) -> int:
 
     suites = set(args.suite.split(","))
     device_kind = args.device.split(":")[0]
+    if "attach" in suites:
+        from tools.bench_attach import run_attach
+
+        attach = run_attach(max(args.repeat, 5) * 4, args.warmup + 1)
+        attach_out = paths.DOCS / "benchmarks" / "attach-cpu.json"
+        write_atomic(attach_out, json.dumps(attach, indent=2) + "\n")
+        for row in attach["results"]:
+            print(
+                f"{row['model']:32} plain {row['plain_ms']:8.2f} ms  attached "
+                f"{row['attached_ms']:8.2f} ms  x{row['ratio']:.3f}"
+            )
+        print(f"{attach_out}: written")
     if "vlm" in suites:
         from tools.bench_vlm import run_vlm
-        from tools.writeout import write_atomic
 
         vlm = run_vlm(
             args.device,
@@ -302,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--suite",
         default="vit,vlm",
-        help="vit (ViT host), vlm (LLaVA host), or both (default: %(default)s)",
+        help="vit (ViT host), vlm (LLaVA host), attach (the cost of reference.attach on "
+        "transformers and timm models), comma-separated (default: %(default)s)",
     )
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser(
