@@ -36,6 +36,9 @@ class Signals:
             a host gives them only where the hook's output is the next block's
             input (the LLaVA host's vision hook, when a block follows it).
         next_k: ``[B, N, C]`` the next block's full-width key projection (as ``next_q``).
+        projector: at a VLM's vision hook, the module that maps the hook's patch tokens
+            ``[B, M, C]`` to the language model's inputs (LLaVA's MLP projector); None
+            elsewhere. For methods that measure on the projected tokens (DivPrune).
         present: ``[B, N]`` bool, False for an empty slot that an earlier reduction
             padded a sample with (see ``Reduction.mask``); None when every token is
             present. A method whose statistics run over all tokens (a softmax, a
@@ -54,6 +57,7 @@ class Signals:
     values: Tensor | None = None
     next_q: Tensor | None = None
     next_k: Tensor | None = None
+    projector: nn.Module | None = None
     present: Tensor | None = None
     layer: int = 0
     state: dict = field(default_factory=dict)

@@ -98,6 +98,8 @@ class LLMSignals:
             compute it from these hidden states, before any drop
             (``needs = {"next_attn"}`` only; None after the last layer).
         attn: ``[B, H, N, N]`` full attention maps (``needs = {"attn"}`` only).
+        keys: ``[B, H_kv, N, D]`` that layer's keys after RoPE (``needs = {"keys"}`` only).
+        final_norm: the language model's final norm (DART compares normed hidden states).
         layer: index of the decoder layer that just ran.
         positions: ``[B, N]`` RoPE positions of the tokens (those of padding unused).
         state: per-forward scratch space shared by the reducers.
@@ -109,6 +111,8 @@ class LLMSignals:
     last_attn: Tensor | None = None
     next_attn: Tensor | None = None
     attn: Tensor | None = None
+    keys: Tensor | None = None
+    final_norm: nn.Module | None = None
     layer: int = 0
     positions: Tensor | None = None
     state: dict = field(default_factory=dict)
@@ -243,6 +247,8 @@ class DecoderLayer(nn.Module):
             signals["attn"] = logits.masked_fill(~mask, -torch.inf).softmax(-1)
         if "last_attn" in needs and last is not None:
             signals["last_attn"] = self._last_row(q, k_all, mask, last)
+        if "keys" in needs:
+            signals["keys"] = k
         b, _, n, _ = out.shape
         h = h + self.o_proj(out.transpose(1, 2).reshape(b, n, cfg.heads * self.head_dim))
         x = self.post_attention_layernorm(h)
@@ -318,8 +324,17 @@ class LlavaHost(nn.Module):
                 qkv = nxt.attn.qkv(nxt.norm1(x))  # [B, N, 3C]: q, k, v before the head split
                 signals["next_q"], signals["next_k"] = qkv[..., :c], qkv[..., c : 2 * c]
             if reducer is not None:
+                projector = self.mm_projector if self.projector is None else None
                 reduction = reducer(
-                    x, Signals(prefix=1, size=ctx.size, layer=i, state=state, **signals)
+                    x,
+                    Signals(
+                        prefix=1,
+                        size=ctx.size,
+                        layer=i,
+                        state=state,
+                        projector=projector,
+                        **signals,
+                    ),
                 )
                 x = reduction.x
         if self.projector is not None:
@@ -424,6 +439,7 @@ class LlavaHost(nn.Module):
                         layer=i,
                         positions=positions,
                         state=state,
+                        final_norm=self.norm,
                         **signals,
                     ),
                 )
