@@ -21,7 +21,6 @@ INFRASTRUCTURE = frozenset(
         "projector",
         "attach",
         "adapters",
-        "baselines",
     }
 )
 _REGISTRY: dict[str, type] = {}  # TokenReducer, LLMReducer or Projector classes
@@ -52,7 +51,6 @@ def _import_all() -> None:
     for info in pkgutil.iter_modules(reference.__path__):
         if info.name not in INFRASTRUCTURE and not info.name.startswith("_"):
             importlib.import_module(f"reference.{info.name}")
-    importlib.import_module("reference.baselines")  # registered, but no paper's module
 
 
 def entries(pattern: str = "*") -> list[Entry]:
