@@ -6,7 +6,9 @@
     # leaving the block (or ``handle.detach()``) restores the model exactly
 
 Models: the reference ViT host (``reference.vit``), a timm ``VisionTransformer``
-(``reference.adapters.timm``) and the reference LLaVA host (``reference.llava``).
+(``reference.adapters.timm``), the reference LLaVA host (``reference.llava``), and
+transformers' LLaVA (``reference.adapters.hf_llava``) and Qwen2-VL / Qwen2.5-VL
+(``reference.adapters.hf_qwen2_5_vl``).
 Placement: ``layers=[...]`` names the blocks (decoder layers for a language-model
 method); without it the method's paper setting decides (``paper_setting`` of a
 ViT method, ``paper_placement`` of a language-model method), and a method without
@@ -112,7 +114,8 @@ def attach(
     raise ValueError(
         f"attach: {type(model).__name__} is not supported; supported: reference.vit."
         "VisionTransformer, timm VisionTransformer, reference.llava.LlavaHost, "
-        "transformers LlavaForConditionalGeneration"
+        "transformers LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration "
+        "and Qwen2_5_VLForConditionalGeneration"
     )
 
 

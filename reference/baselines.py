@@ -9,7 +9,9 @@ and act on the non-prefix tokens only; both give a sample the same result in any
   row for every sample, so a run is reproducible.
 - ``spatial_pooling``: averages the patch grid over ``h x w`` non-overlapping cells
   (``keep = h * w``, the squarest split of ``keep`` whose sides fit the grid), in
-  row-major order; a pooled token's size is the number of patches it holds.
+  row-major order; a pooled token's size is the number of patches it holds. The
+  grid is ``signals.state["grid"]`` (``(1, h, w)``) where a host gives it, else the
+  squarest grid of the token count.
 """
 
 from __future__ import annotations
@@ -90,8 +92,12 @@ class SpatialPooling(Baseline):
         p, m = signals.prefix, n - signals.prefix
         if self.keep >= m:
             return identity(x, signals.size)
-        side = math.isqrt(m)
-        h, w = (side, m // side) if side * (m // side) == m else (1, m)
+        grid = signals.state.get("grid")  # (t, h, w) where a host knows it (Qwen-VL)
+        if grid is not None and grid[0] == 1 and grid[1] * grid[2] == m:
+            h, w = int(grid[1]), int(grid[2])
+        else:
+            side = math.isqrt(m)
+            h, w = (side, m // side) if side * (m // side) == m else (1, m)
         rows, cols = cells(self.keep, h, w)
         r = torch.arange(h, device=x.device) * rows // h
         q = torch.arange(w, device=x.device) * cols // w
