@@ -17,12 +17,13 @@ a shorter prompt, as in the official vision-stage methods). ``generate`` returns
 the shrunk prompt's ids followed by the new tokens.
 
 Limits (refused with the reason): one image per sample, an integer
-``vision_feature_layer``, a CLIP vision tower, language-model methods
-(``LLMReducer``) for now.
+``vision_feature_layer``, a CLIP vision tower. Language-model methods
+(``LLMReducer``) run inside the decoder: ``reference.adapters.hf_llava_llm``.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -72,7 +73,7 @@ def vision_features(
     for layer in layers[: feature - 1]:
         h = layer(h, None)
         outputs.append(h)
-    needs = (reducer.needs if reducer is not None else frozenset()) | {"cls_attn", "keys"}
+    needs = reducer.needs if reducer is not None else frozenset()
     layer = layers[feature - 1]
     x = layer.layer_norm1(h)
     a = layer.self_attn
@@ -94,7 +95,11 @@ def vision_features(
     valid = torch.ones(b, n, dtype=torch.bool, device=h.device)
     if reducer is not None:
         size = h.new_ones(b, n, 1)
-        red = reducer(h, Signals(prefix=1, size=size, layer=feature - 1, state=state, **signals))
+        mlp = model.model.multi_modal_projector if projector is None else None
+        red = reducer(
+            h,
+            Signals(prefix=1, size=size, layer=feature - 1, state=state, projector=mlp, **signals),
+        )
         h = red.x
         valid = torch.ones(red.x.shape[:2], dtype=torch.bool, device=h.device)
         if red.mask is not None and reducer.masks_attention:
@@ -187,7 +192,7 @@ class Patch:
                 return original(input_ids, *args, **kwargs)
             if args:
                 raise ValueError("attach: pass the model's inputs by keyword")
-            with torch.no_grad() if generating else torch.enable_grad():
+            with torch.no_grad() if generating else contextlib.nullcontext():
                 tokens, valid = vision_features(
                     self.model, pixel_values, self.reducer, self.projector, dict(self.state)
                 )
@@ -301,22 +306,24 @@ def to_reference_host(model: nn.Module):
 
 def attach_method(model: nn.Module, method, layers, proportional_attn, kwargs: dict):
     """``reference.attach`` for a transformers LLaVA: returns the ``Handle``."""
+    from reference.adapters import hf_llava_llm
     from reference.attach import Handle, method_class
     from reference.llava import LLMReducer
 
-    if proportional_attn or layers is not None:
+    if proportional_attn:
         raise ValueError("attach: on a transformers LLaVA, methods act at the vision hook only")
+    if isinstance(method, dict):  # instances by decoder layer: LLM-stage methods only
+        return hf_llava_llm.attach_method(model, method, None, layers, kwargs)
     if isinstance(method, nn.Module):
         if kwargs:
             raise ValueError("attach: keyword arguments go with a catalog id, not an instance")
         instance, cls = method, type(method)
     else:
         cls, instance = method_class(method), None
-    if issubclass(cls, LLMReducer):
-        raise ValueError(
-            f"attach: {cls.catalog_id!r} acts inside the language model; on transformers "
-            "models only vision-stage methods and projectors are supported so far"
-        )
+    if issubclass(cls, LLMReducer):  # inside the decoder: reference.adapters.hf_llava_llm
+        return hf_llava_llm.attach_method(model, cls, instance, layers, kwargs)
+    if layers is not None:
+        raise ValueError("attach: on a transformers LLaVA, methods act at the vision hook only")
     text = model.config.text_config
     if issubclass(cls, Projector):
         dims = {"in_dim": model.config.vision_config.hidden_size, "out_dim": text.hidden_size}
