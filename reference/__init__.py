@@ -4,8 +4,8 @@
 
     with reference.attach(model, "tome", r=13):  # a timm ViT or a reference host
         logits = model(images)
-    with reference.attach(llava, "visionzip", dominant=54, contextual=10):  # transformers
-        out = llava.generate(**inputs, max_new_tokens=32)  # 64 of 576 visual tokens
+    with reference.attach(llava, "fastv", ratio=0.5):  # a transformers LLaVA: K = 2, R = 50%
+        out = llava.generate(**inputs, max_new_tokens=32)
     # leaving a block (or ``handle.detach()``) restores the model exactly
 
 One module per paper, named after its catalog id (``reference/<id>.py``); the

@@ -6,9 +6,11 @@
     # leaving the block (or ``handle.detach()``) restores the model exactly
 
 Models: the reference ViT host (``reference.vit``), a timm ``VisionTransformer``
-(``reference.adapters.timm``), the reference LLaVA host (``reference.llava``), and
-transformers' LLaVA (``reference.adapters.hf_llava``) and Qwen2-VL / Qwen2.5-VL
-(``reference.adapters.hf_qwen2_5_vl``).
+(``reference.adapters.timm``), the reference LLaVA host (``reference.llava``),
+transformers' LLaVA (``reference.adapters.hf_llava``: vision-stage methods and
+projectors; ``hf_llava_llm``: language-model methods in its Llama decoder) and
+Qwen2-VL / Qwen2.5-VL (``reference.adapters.hf_qwen2_5_vl``: vision-stage methods that
+need only the tokens).
 Placement: ``layers=[...]`` names the blocks (decoder layers for a language-model
 method); without it the method's paper setting decides (``paper_setting`` of a
 ViT method, ``paper_placement`` of a language-model method), and a method without
