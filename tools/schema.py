@@ -168,8 +168,10 @@ def _terms(taxonomy: Taxonomy, facet: str):
 def paper_model(taxonomy: Taxonomy) -> type[PaperBase]:
     """The ``Paper`` model whose enum fields accept exactly the taxonomy's terms."""
 
-    def unique_list(facet: str):
-        return (Annotated[list[_terms(taxonomy, facet)], Field(min_length=1)], ...)
+    def unique_list(facet: str, unknown_allowed: bool = False):
+        # ``[]``: no first-party source says (stage, mechanism); unknown stays unknown.
+        least = 0 if unknown_allowed else 1
+        return (Annotated[list[_terms(taxonomy, facet)], Field(min_length=least)], ...)
 
     return create_model(
         "Paper",
@@ -177,8 +179,8 @@ def paper_model(taxonomy: Taxonomy) -> type[PaperBase]:
         __module__=__name__,
         modality=unique_list("modality"),
         target=(_terms(taxonomy, "target"), ...),
-        stage=unique_list("stage"),
-        mechanism=unique_list("mechanism"),
+        stage=unique_list("stage", unknown_allowed=True),
+        mechanism=unique_list("mechanism", unknown_allowed=True),
         training=(_terms(taxonomy, "training") | None, ...),
         orgs=(list[_terms(taxonomy, "orgs")], []),
     )
