@@ -30,7 +30,7 @@ from reference import registry
 from reference.core import TokenReducer
 from reference.llava import LlavaHost, LLMReducer
 from reference.projector import Projector
-from reference.vit import HostState, VisionTransformer
+from reference.vit import HostState, VisionTransformer, split_hooks
 
 
 class Handle:
@@ -164,8 +164,11 @@ def _vit_reducers(model, method, layers, proportional_attn, kwargs):
         if kwargs or layers is not None:
             raise ValueError("attach: a dict of instances takes no layers or keyword arguments")
         chosen = _check_layers(method, depth, "block")
-        if not all(isinstance(m, TokenReducer) for m in method.values()):
-            raise ValueError("attach: every method of the dict must act on ViT tokens")
+        for m in method.values():  # a method, or a (pre, mid) pair of methods
+            try:
+                split_hooks(m)
+            except (ValueError, TypeError, AttributeError) as exc:
+                raise ValueError(f"attach: every value must be ViT token methods: {exc}") from exc
         return {i: method[i] for i in chosen}, bool(proportional_attn)
     if isinstance(method, nn.Module):
         if kwargs:
@@ -200,10 +203,12 @@ def _attach_own_vit(model: VisionTransformer, reducers: dict, proportional: bool
     if any(r is not None for r in before.values()):
         raise ValueError("attach: this host already has methods attached; detach them first")
     param = next(model.parameters())
-    for reducer in reducers.values():
-        reducer.to(device=param.device)
+    for pair in reducers.values():
+        for reducer in split_hooks(pair):
+            if reducer is not None:
+                reducer.to(device=param.device)
     for i, reducer in reducers.items():
-        model.blocks[i].reducer = reducer
+        model.blocks[i].reducer = reducer if isinstance(reducer, TokenReducer) else tuple(reducer)
     model.proportional_attn = proportional
 
     def undo() -> None:

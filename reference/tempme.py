@@ -21,12 +21,11 @@ Host mapping (``dycoke.py``'s convention): a video is one frame-major sequence o
 its own protected CLS tokens (``1`` for CLIP frames; a clip of ``M`` frames has ``M``). One
 instance is one merge step: ``merge_frames > 1`` is step 2 (``where = "pre"``, before the
 block's attention, as the official), ``merge_frames = 1`` step 1 or 3 (``where = "mid"``, on
-the block's keys). ``official_schedule`` lists the official steps with their arguments.
+the block's keys). ``official_schedule`` lists the official steps with their arguments;
+``official_reducers`` builds them by block for ``vit.apply`` or ``reference.attach``: blocks
+8-10 take a ``(join, merge)`` pair, a "pre" and a "mid" method, as the hosts allow.
 
 Deviations from the official code:
-- The hosts take one reducer per block, so a block cannot both join clips before attention and
-  merge within them after it: blocks 8-10's post-attention merges need a host that stacks two
-  reducers (``official_schedule`` lists them; the test runs them in the official order).
 - Groups after the last whole clip (``T`` not a multiple of ``merge_frames``, which the
   official asserts) and tokens that fill no whole group are carried through unchanged.
 - ``TVPt_Video_Positional_embedding`` (``[1, frame_num, 1, dim]``, zero-initialised, trained)
@@ -229,6 +228,16 @@ class TempMe(TokenReducer):
             r,
             embed,
         )
+
+    @classmethod
+    def official_reducers(
+        cls, frames: int = 12, tokens: int = 50, dim: int = 768
+    ) -> dict[int, TempMe | tuple[TempMe, TempMe]]:
+        """``official_schedule`` as methods by block: one step, or a (join, merge) pair."""
+        by_block: dict[int, list[TempMe]] = {}
+        for block, kwargs in cls.official_schedule(frames, tokens, dim):
+            by_block.setdefault(block, []).append(cls(**kwargs))
+        return {b: steps[0] if len(steps) == 1 else tuple(steps) for b, steps in by_block.items()}
 
     @classmethod
     def official_schedule(

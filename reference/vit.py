@@ -204,13 +204,13 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, qkv_bias)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act)
-        self.reducer: TokenReducer | None = None
+        # One method, or a (pre, mid) pair: see ``split_hooks``.
+        self.reducer: TokenReducer | tuple[TokenReducer, ...] | None = None
 
     def forward(self, x: Tensor, ctx: HostState) -> Tensor:
-        reducer = self.reducer
-        if reducer is not None and reducer.where == "pre":
-            x = ctx.apply(reducer, x, {})
-            reducer = None
+        pre, reducer = split_hooks(self.reducer)
+        if pre is not None:
+            x = ctx.apply(pre, x, {})
         needs = reducer.needs if reducer is not None else frozenset()
         size = ctx.size if ctx.proportional else None
         out, signals = self.attn(self.norm1(x), size, needs, ctx.keep)
@@ -218,6 +218,28 @@ class Block(nn.Module):
         if reducer is not None:
             x = ctx.apply(reducer, x, signals)
         return x + self.mlp(self.norm2(x))
+
+
+def split_hooks(
+    reducers: TokenReducer | tuple[TokenReducer, ...] | list[TokenReducer] | None,
+) -> tuple[TokenReducer | None, TokenReducer | None]:
+    """A block's ``(pre, mid)`` methods from one method or a sequence of them.
+
+    A block runs at most one method before its attention (``where = "pre"``) and one
+    after it (``"mid"``: the attention's signals are those of the tokens it saw).
+    """
+    if reducers is None:
+        return None, None
+    if isinstance(reducers, TokenReducer):
+        reducers = (reducers,)
+    pre = [r for r in reducers if r.where == "pre"]
+    mid = [r for r in reducers if r.where != "pre"]
+    if len(pre) > 1 or len(mid) > 1 or not all(isinstance(r, TokenReducer) for r in reducers):
+        raise ValueError(
+            "a block takes at most one 'pre' and one 'mid' TokenReducer, got "
+            + ", ".join(f"{type(r).__name__} ({getattr(r, 'where', '?')})" for r in reducers)
+        )
+    return (pre[0] if pre else None), (mid[0] if mid else None)
 
 
 class HostState:
@@ -323,13 +345,20 @@ def create(name: str, **overrides) -> VisionTransformer:
 
 
 def apply(
-    model: VisionTransformer, reducers: dict[int, TokenReducer], proportional_attn: bool = False
+    model: VisionTransformer,
+    reducers: dict[int, TokenReducer | tuple[TokenReducer, ...]],
+    proportional_attn: bool = False,
 ) -> VisionTransformer:
-    """Attach one reducer per block index (ToMe's ``apply_patch``); returns the model."""
+    """Attach methods by block index (ToMe's ``apply_patch``): one method, or a
+    ``(pre, mid)`` pair (``split_hooks``); returns the model."""
+    for reducer in reducers.values():
+        split_hooks(reducer)  # refuses what a block cannot run, before anything changes
     for block in model.blocks:
         block.reducer = None
     for layer, reducer in reducers.items():
-        model.blocks[layer].reducer = reducer
+        model.blocks[layer].reducer = (
+            reducer if isinstance(reducer, TokenReducer) else tuple(reducer)
+        )
     model.proportional_attn = proportional_attn
     return model
 

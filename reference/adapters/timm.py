@@ -22,7 +22,7 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from reference.core import TokenReducer
-from reference.vit import HostState, attend
+from reference.vit import HostState, attend, split_hooks
 
 
 def is_timm_vit(model: nn.Module) -> bool:
@@ -82,10 +82,9 @@ class Patch:
                 self.last_state = HostState(x, self.model.num_prefix_tokens, self.proportional)
             ctx = self.last_state
             ctx.layer = layer
-            reducer = self.reducers.get(layer)
-            if reducer is not None and reducer.where == "pre":
-                x = ctx.apply(reducer, x, {})
-                reducer = None
+            pre, reducer = split_hooks(self.reducers.get(layer))
+            if pre is not None:
+                x = ctx.apply(pre, x, {})
             needs = reducer.needs if reducer is not None else frozenset()
             out, signals = self._attention(block.attn, block.norm1(x), ctx, needs)
             x = x + block.drop_path1(block.ls1(out))
@@ -136,10 +135,13 @@ def attach(model: nn.Module, reducers: dict[int, TokenReducer], proportional: bo
         reason = "it already has methods attached; detach them first"
     if reason is not None:
         raise ValueError(f"attach: this timm model cannot be patched: {reason}")
+    hooks = {layer: split_hooks(r) for layer, r in reducers.items()}
     param = next(model.parameters(), None)
     if param is not None:
-        for reducer in reducers.values():
-            reducer.to(device=param.device)
+        for pair in hooks.values():
+            for reducer in pair:
+                if reducer is not None:
+                    reducer.to(device=param.device)
     return Patch(model, reducers, proportional)
 
 

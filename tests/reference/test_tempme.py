@@ -119,3 +119,15 @@ def test_settings_the_paper_cannot_express_are_refused():
     method = TempMe(frame_tokens=4, merge_frames=2, ratio=0.5, frame_cls=0, frame_num=4, dim=8)
     with pytest.raises(ValueError, match=r"^frame_num must be"):
         method(torch.randn(1, 8 * 4, 8), Signals(prefix=0, size=torch.ones(1, 32, 1)))
+
+
+def test_official_reducers_pair_a_join_and_a_merge_in_blocks_8_to_10():
+    from reference.vit import split_hooks
+
+    reducers = TempMe.official_reducers(dim=16)
+    assert sorted(reducers) == list(range(12))
+    for block in (8, 9, 10):
+        join, merge = split_hooks(reducers[block])
+        assert join.merge_frames > 1 and join.where == "pre"
+        assert merge.merge_frames == 1 and merge.where == "mid"
+    assert all(isinstance(reducers[b], TempMe) for b in (*range(8), 11))

@@ -201,3 +201,26 @@ def test_the_host_carries_a_padding_mask_through_later_reductions():
     (present,) = seen
     assert present.shape == (2, 16) and present.sum(1).tolist() == [15, 16]
     assert not present[0, -1]
+
+
+@pytest.mark.parametrize("timm_model", [False, True], ids=["host", "timm"])
+def test_a_block_runs_one_pre_and_one_mid_method(timm_model):
+    """TempMe joins frames before a block's attention and merges after it; the "mid"
+    method sees the signals of the tokens the attention saw."""
+    import reference
+
+    if timm_model:
+        timm_vit = _timm()
+        torch.manual_seed(0)
+        host = timm_vit.VisionTransformer(
+            img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=10
+        ).eval()
+    else:
+        host = tiny_host(depth=2)
+    pre, mid = DropLast("pre"), DropLast("mid", needs={"keys"})
+    with reference.attach(host, {0: [pre, mid], 1: DropLast("mid")}) as handle:
+        host(torch.randn(2, 3, 32, 32))
+        assert handle.tokens_after() == [16, 15, 14]
+    assert mid.seen[0].keys.shape[1] == 16  # the keys of the 16 tokens left by "pre"
+    with pytest.raises(ValueError, match="at most one 'pre' and one 'mid'"):
+        reference.attach(host, {0: [DropLast("mid"), DropLast("mid")]})
