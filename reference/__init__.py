@@ -37,11 +37,11 @@ The contract (``reference.core``):
 - ``where`` says where the host calls it: ``"mid"`` (after attention, before
   the MLP, as ToMe and EViT) or ``"pre"`` (before the block's attention).
 
-The host (``reference.vit``) is a ViT whose ``state_dict`` matches timm's
+The host (``reference.hosts.vit``) is a ViT whose ``state_dict`` matches timm's
 ``VisionTransformer``; ``vit.apply(model, {layer: method, ...})`` attaches
 methods to blocks (ToMe's ``apply_patch``).
 
-For vision-language models, ``reference.llava`` is a LLaVA-style host (this ViT
+For vision-language models, ``reference.hosts.llava`` is a LLaVA-style host (this ViT
 as vision tower, an MLP projector, a LLaMA-style decoder with a KV cache).
 Vision-stage methods are ``TokenReducer``s run on the tower's features
 (``host.apply(vision=method)``); language-model methods are ``LLMReducer``s run

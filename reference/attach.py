@@ -5,8 +5,8 @@
         logits = model(images)
     # leaving the block (or ``handle.detach()``) restores the model exactly
 
-Models: the reference ViT host (``reference.vit``), a timm ``VisionTransformer``
-(``reference.adapters.timm``), the reference LLaVA host (``reference.llava``),
+Models: the reference ViT host (``reference.hosts.vit``), a timm ``VisionTransformer``
+(``reference.adapters.timm``), the reference LLaVA host (``reference.hosts.llava``),
 transformers' LLaVA (``reference.adapters.hf_llava``: vision-stage methods and
 projectors; ``hf_llava_llm``: language-model methods in its Llama decoder) and
 Qwen2-VL / Qwen2.5-VL (``reference.adapters.hf_qwen2_5_vl``: vision-stage methods that
@@ -22,53 +22,16 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from torch import nn
 
 from reference import registry
+from reference.adapters import Handle, check_layers
 from reference.core import TokenReducer
-from reference.llava import LlavaHost, LLMReducer
+from reference.hosts.llava import LlavaHost, LLMReducer
+from reference.hosts.vit import VisionTransformer, split_hooks
 from reference.projector import Projector
-from reference.vit import HostState, VisionTransformer, split_hooks
-
-
-class Handle:
-    """An attached method; a context manager. ``detach`` restores the model (idempotent).
-
-    Attributes:
-        model: the patched model.
-        reducers: the attached method instances, by block (or decoder layer); for a
-            vision-stage or projector method on the LLaVA host, keyed ``"vision"`` or
-            ``"projector"``.
-    """
-
-    def __init__(self, model: nn.Module, reducers: dict, undo: Callable[[], None], state=None):
-        self.model, self.reducers = model, reducers
-        self._undo, self._state = undo, state
-
-    @property
-    def last_state(self) -> HostState | None:
-        """The host state of the model's last forward (ViT models)."""
-        return self._state() if self._state is not None else None
-
-    def tokens_after(self) -> list[int]:
-        """Token count after each reduction of the last forward (ViT models)."""
-        state = self.last_state
-        if state is None:
-            raise RuntimeError("run a forward first")
-        return [r.num_tokens for r in state.reductions]
-
-    def detach(self) -> None:
-        if self._undo is not None:
-            self._undo()
-            self._undo = None
-
-    def __enter__(self) -> Handle:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.detach()
 
 
 def attach(
@@ -114,8 +77,8 @@ def attach(
             raise ValueError("attach: proportional_attn applies to ViT models only")
         return _attach_llava(model, method, layers, kwargs)
     raise ValueError(
-        f"attach: {type(model).__name__} is not supported; supported: reference.vit."
-        "VisionTransformer, timm VisionTransformer, reference.llava.LlavaHost, "
+        f"attach: {type(model).__name__} is not supported; supported: reference.hosts.vit."
+        "VisionTransformer, timm VisionTransformer, reference.hosts.llava.LlavaHost, "
         "transformers LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration "
         "and Qwen2_5_VLForConditionalGeneration"
     )
@@ -143,27 +106,12 @@ def _model_adapters() -> list:
     return found
 
 
-def method_class(catalog_id: str) -> type:
-    found = [e.cls for e in registry.entries(catalog_id) if e.catalog_id == catalog_id]
-    if not found:
-        raise ValueError(f"attach: no reference implementation for {catalog_id!r}")
-    return found[0]
-
-
-def _check_layers(layers: Iterable[int], count: int, what: str) -> list[int]:
-    layers = list(layers)
-    bad = [i for i in layers if not 0 <= i < count]
-    if bad or not layers:
-        raise ValueError(f"attach: layers must be {what} indices in [0, {count}), got {layers}")
-    return layers
-
-
 def _vit_reducers(model, method, layers, proportional_attn, kwargs):
     depth, dim = len(model.blocks), model.embed_dim
     if isinstance(method, dict):
         if kwargs or layers is not None:
             raise ValueError("attach: a dict of instances takes no layers or keyword arguments")
-        chosen = _check_layers(method, depth, "block")
+        chosen = check_layers(method, depth, "block")
         for m in method.values():  # a method, or a (pre, mid) pair of methods
             try:
                 split_hooks(m)
@@ -177,9 +125,9 @@ def _vit_reducers(model, method, layers, proportional_attn, kwargs):
             raise ValueError(f"attach: {type(method).__name__} does not act on ViT tokens")
         if layers is None:
             raise ValueError("attach: say where a method instance acts: layers=[...]")
-        chosen = _check_layers(layers, depth, "block")
+        chosen = check_layers(layers, depth, "block")
         return {i: method for i in chosen}, bool(proportional_attn)
-    cls = method_class(method)
+    cls = registry.get(method)
     if not issubclass(cls, TokenReducer):
         raise ValueError(
             f"attach: {method!r} acts in a language model or projector; a ViT has neither"
@@ -190,7 +138,7 @@ def _vit_reducers(model, method, layers, proportional_attn, kwargs):
             raise ValueError(f"attach: {method!r} has no paper placement; pass layers=[...]")
         reducers = {i: cls(**{**kw, **kwargs}) for i, kw in setting.items()}
     else:
-        chosen = _check_layers(layers, depth, "block")
+        chosen = check_layers(layers, depth, "block")
         reducers = {i: cls(**{**setting.get(i, {}), **kwargs}) for i in chosen}
     if proportional_attn is not None:
         proportional = proportional_attn
@@ -229,14 +177,14 @@ def _attach_llava(host: LlavaHost, method, layers, kwargs) -> Handle:
             raise ValueError("attach: keyword arguments go with a catalog id, not an instance")
         instance, cls = method, type(method)
     else:
-        cls, instance = method_class(method), None
+        cls, instance = registry.get(method), None
     if issubclass(cls, LLMReducer):
         if instance is not None:
             if layers is None:
                 raise ValueError("attach: say where a method instance acts: layers=[...]")
-            llm = {i: instance for i in _check_layers(layers, cfg.layers, "decoder layer")}
+            llm = {i: instance for i in check_layers(layers, cfg.layers, "decoder layer")}
         elif layers is not None:
-            llm = {i: cls(**kwargs) for i in _check_layers(layers, cfg.layers, "decoder layer")}
+            llm = {i: cls(**kwargs) for i in check_layers(layers, cfg.layers, "decoder layer")}
         else:
             llm = cls.paper_placement(cfg.layers, **kwargs)
             if not llm:
@@ -267,4 +215,4 @@ def _attach_llava(host: LlavaHost, method, layers, kwargs) -> Handle:
     return Handle(host, reducers, undo)
 
 
-__all__ = ["Handle", "attach", "method_class"]
+__all__ = ["Handle", "attach"]

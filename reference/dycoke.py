@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reference.core import Reduction, Signals, TokenReducer, empty_batch, identity, keep_tokens
-from reference.llava import LlavaHost
+from reference.hosts.llava import LlavaHost
 from reference.registry import register
 
 

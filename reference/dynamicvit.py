@@ -26,7 +26,7 @@ Deviations from the official code:
   ``budget()`` sees only the current count, so it is exact for a first stage.
 - Training: ``Reduction.mask`` carries the straight-through hard decisions
   (prefix 1) and x is returned unchanged; the ViT host applies the mask as the
-  official attention policy (``softmax_with_policy``, ``reference.vit``) in every
+  official attention policy (``softmax_with_policy``, ``reference.hosts.vit``) in every
   later block, so dropped tokens are masked out of attention and the count stays
   fixed. The decision mask D is carried across
   stages in ``signals.state["dynamicvit"]``; every stage's decisions are collected

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from reference.core import Reduction
-from reference.llava import LLMReducer, LLMSignals
+from reference.hosts.llava import LLMReducer, LLMSignals
 from reference.ops import keep_image_tokens
 from reference.registry import register
 

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reference.core import Reduction, Signals, TokenReducer, empty_batch, gather_tokens, identity
-from reference.llava import LLMReducer, LLMSignals
+from reference.hosts.llava import LLMReducer, LLMSignals
 from reference.registry import register
 
 

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reference.core import Reduction, Signals, TokenReducer, empty_batch, identity
-from reference.llava import LLMReducer, LLMSignals
+from reference.hosts.llava import LLMReducer, LLMSignals
 from reference.ops import each_present_sample, keep_image_tokens
 from reference.registry import register
 

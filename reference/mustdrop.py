@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reference.core import Reduction, Signals, TokenReducer, identity
-from reference.llava import LlavaHost, LLMReducer, LLMSignals
+from reference.hosts.llava import LlavaHost, LLMReducer, LLMSignals
 from reference.ops import each_present_sample, keep_image_tokens, sample_signals
 from reference.registry import register
 

@@ -39,8 +39,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from reference import vit
 from reference.core import Reduction, Signals, TokenReducer, empty_batch, identity, keep_tokens
+from reference.hosts import vit
 from reference.registry import register
 
 POS_KEY = "patch_slimming.positions"

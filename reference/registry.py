@@ -14,8 +14,7 @@ INFRASTRUCTURE = frozenset(
     {
         "core",
         "registry",
-        "vit",
-        "llava",
+        "hosts",
         "ops",
         "bench",
         "projector",
@@ -61,6 +60,14 @@ def entries(pattern: str = "*") -> list[Entry]:
         for key, cls in sorted(_REGISTRY.items())
         if fnmatch.fnmatchcase(key, pattern)
     ]
+
+
+def get(catalog_id: str) -> type:
+    """The registered class of ``catalog_id``; a ValueError when there is none."""
+    _import_all()
+    if catalog_id not in _REGISTRY:
+        raise ValueError(f"no reference implementation for {catalog_id!r}")
+    return _REGISTRY[catalog_id]
 
 
 def create(catalog_id: str, **kwargs) -> nn.Module:

@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from reference.core import Reduction
-from reference.llava import LLMReducer, LLMSignals
+from reference.hosts.llava import LLMReducer, LLMSignals
 from reference.registry import register
 
 RATERS = "sparsevlm.raters"

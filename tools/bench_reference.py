@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from reference import registry, vit
+from reference import registry
 from reference.core import Signals, TokenReducer
+from reference.hosts import vit
 
 MODELS = ("vit_small_patch16_224", "vit_base_patch16_224")
 

@@ -18,7 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from reference import registry
-from reference.llava import LLAVA_15_7B, LlavaConfig, LlavaHost, bench_setting
+from reference.hosts.llava import LLAVA_15_7B, LlavaConfig, LlavaHost, bench_setting
 from tools.bench_reference import _sync, run_metadata, time_ms
 
 # CPU stand-in: LLaVA-1.5's sequence (576 visual tokens from a 336 px, /14 tower;

@@ -1,5 +1,66 @@
 """Adapters that run the reference methods inside other libraries' models (timm, ...).
 
-Each adapter patches a model reversibly: ``reference.attach`` dispatches to it and
-returns a handle whose ``detach`` restores the model exactly.
+Each adapter patches a model reversibly and hands back a ``Handle`` whose ``detach``
+restores the model exactly. ``reference.attach`` dispatches to the adapter modules
+here: ``timm`` (with the project's ViT host), and every module that defines
+``matches(model)`` and ``attach_method(model, method, layers, proportional_attn,
+kwargs) -> Handle`` (``hf_llava``, ``hf_qwen2_5_vl``).
 """
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from torch import nn
+
+from reference.hosts.vit import HostState
+
+
+class Handle:
+    """An attached method; a context manager. ``detach`` restores the model (idempotent).
+
+    Attributes:
+        model: the patched model.
+        reducers: the attached method instances, by block (or decoder layer); for a
+            vision-stage or projector method on the LLaVA host, keyed ``"vision"`` or
+            ``"projector"``.
+    """
+
+    def __init__(self, model: nn.Module, reducers: dict, undo: Callable[[], None], state=None):
+        self.model, self.reducers = model, reducers
+        self._undo, self._state = undo, state
+
+    @property
+    def last_state(self) -> HostState | None:
+        """The host state of the model's last forward (ViT models)."""
+        return self._state() if self._state is not None else None
+
+    def tokens_after(self) -> list[int]:
+        """Token count after each reduction of the last forward (ViT models)."""
+        state = self.last_state
+        if state is None:
+            raise RuntimeError("run a forward first")
+        return [r.num_tokens for r in state.reductions]
+
+    def detach(self) -> None:
+        if self._undo is not None:
+            self._undo()
+            self._undo = None
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+
+def check_layers(layers: Iterable[int], count: int, what: str) -> list[int]:
+    """``layers`` as a list, each an index in ``[0, count)``; a ValueError says which not."""
+    layers = list(layers)
+    bad = [i for i in layers if not 0 <= i < count]
+    if bad or not layers:
+        raise ValueError(f"attach: layers must be {what} indices in [0, {count}), got {layers}")
+    return layers
+
+
+__all__ = ["Handle", "check_layers"]

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from reference.core import Signals, TokenReducer
+from reference.hosts.vit import attend
 from reference.projector import Projector, ProjectorSignals
-from reference.vit import attend
 
 _MISSING = object()
 
@@ -225,14 +225,14 @@ def attach(model: nn.Module, reducer, projector: Projector | None = None) -> Pat
 
 
 def to_reference_host(model: nn.Module):
-    """A ``reference.llava.LlavaHost`` with this LLaVA's weights (CLIP tower included).
+    """A ``reference.hosts.llava.LlavaHost`` with this LLaVA's weights (CLIP tower included).
 
     The host's ViT takes CLIP's pre-norm, QuickGELU and LayerNorm eps; CLIP's separate
     q/k/v projections are concatenated into the host's ``qkv``; the patch embedding
     has no bias in CLIP (the host's is set to zero). Only what LLaVA uses is copied
     (the post-layernorm is not).
     """
-    from reference.llava import LlavaConfig, LlavaHost
+    from reference.hosts.llava import LlavaConfig, LlavaHost
 
     vc, tc = model.config.vision_config, model.config.text_config
     if not isinstance(model.config.vision_feature_layer, int):
@@ -306,9 +306,9 @@ def to_reference_host(model: nn.Module):
 
 def attach_method(model: nn.Module, method, layers, proportional_attn, kwargs: dict):
     """``reference.attach`` for a transformers LLaVA: returns the ``Handle``."""
-    from reference.adapters import hf_llava_llm
-    from reference.attach import Handle, method_class
-    from reference.llava import LLMReducer
+    from reference import registry
+    from reference.adapters import Handle, hf_llava_llm
+    from reference.hosts.llava import LLMReducer
 
     if proportional_attn:
         raise ValueError("attach: on a transformers LLaVA, methods act at the vision hook only")
@@ -319,7 +319,7 @@ def attach_method(model: nn.Module, method, layers, proportional_attn, kwargs: d
             raise ValueError("attach: keyword arguments go with a catalog id, not an instance")
         instance, cls = method, type(method)
     else:
-        cls, instance = method_class(method), None
+        cls, instance = registry.get(method), None
     if issubclass(cls, LLMReducer):  # inside the decoder: reference.adapters.hf_llava_llm
         return hf_llava_llm.attach_method(model, cls, instance, layers, kwargs)
     if layers is not None:

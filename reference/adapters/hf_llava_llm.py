@@ -4,7 +4,7 @@
 (FastV, PyramidDrop, MustDrop, DART, SparseVLM, ...; an unregistered one such as
 ``FiCoCoL`` as an instance with ``layers=[...]``) after the decoder layers its
 ``paper_placement`` names (or ``layers=[...]``), and runs it during prefill the
-way the reference LLaVA host (``reference.llava``) does, so the same method on the
+way the reference LLaVA host (``reference.hosts.llava``) does, so the same method on the
 same weights gives the host's logits (``to_reference_host``).
 
 Modifications (instance attributes, set by ``LLMPatch`` and removed by ``undo``;
@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from reference.llava import LLMReducer, LLMSignals
+from reference.hosts.llava import LLMReducer, LLMSignals
 
 try:
     from transformers import DynamicCache
@@ -484,7 +484,7 @@ class LLMPatch:
 def attach_method(model: nn.Module, method, instance, layers, kwargs: dict):
     """``reference.attach`` of an LLM-stage method (a class, an instance or a dict of
     instances by decoder layer) to a transformers LLaVA: returns the ``Handle``."""
-    from reference.attach import Handle, _check_layers
+    from reference.adapters import Handle, check_layers
 
     count = model.config.text_config.num_hidden_layers
     if isinstance(method, dict):
@@ -492,13 +492,13 @@ def attach_method(model: nn.Module, method, instance, layers, kwargs: dict):
             raise ValueError("attach: a dict of instances takes no layers or keyword arguments")
         if not all(isinstance(m, LLMReducer) for m in method.values()):
             raise ValueError("attach: every method of the dict must act in the language model")
-        reducers = {i: method[i] for i in _check_layers(method, count, "decoder layer")}
+        reducers = {i: method[i] for i in check_layers(method, count, "decoder layer")}
     elif instance is not None:
         if layers is None:
             raise ValueError("attach: say where a method instance acts: layers=[...]")
-        reducers = {i: instance for i in _check_layers(layers, count, "decoder layer")}
+        reducers = {i: instance for i in check_layers(layers, count, "decoder layer")}
     elif layers is not None:
-        reducers = {i: method(**kwargs) for i in _check_layers(layers, count, "decoder layer")}
+        reducers = {i: method(**kwargs) for i in check_layers(layers, count, "decoder layer")}
     else:
         reducers = method.paper_placement(count, **kwargs)
         if not reducers:

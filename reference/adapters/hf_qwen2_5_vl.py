@@ -304,7 +304,8 @@ def attach(model: nn.Module, reducer: TokenReducer) -> Patch:
 
 def attach_method(model: nn.Module, method, layers, proportional_attn, kwargs: dict):
     """``reference.attach`` for a transformers Qwen2.5-VL or Qwen2-VL: returns the ``Handle``."""
-    from reference.attach import Handle, method_class
+    from reference import registry
+    from reference.adapters import Handle
 
     if proportional_attn or layers is not None or isinstance(method, dict):
         raise ValueError("attach: on a transformers Qwen-VL, methods act at the vision hook only")
@@ -313,7 +314,7 @@ def attach_method(model: nn.Module, method, layers, proportional_attn, kwargs: d
             raise ValueError("attach: keyword arguments go with a catalog id, not an instance")
         instance, cls = method, type(method)
     else:
-        cls, instance = method_class(method), None
+        cls, instance = registry.get(method), None
     if not issubclass(cls, TokenReducer):
         raise ValueError(
             f"attach: {cls.__name__} acts in the language model or the projector; on a "

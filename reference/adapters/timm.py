@@ -22,7 +22,7 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from reference.core import TokenReducer
-from reference.vit import HostState, attend, split_hooks
+from reference.hosts.vit import HostState, attend, split_hooks
 
 
 def is_timm_vit(model: nn.Module) -> bool:

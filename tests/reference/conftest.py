@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from reference.core import Signals, TokenReducer
-from reference.vit import VisionTransformer
+from reference.hosts.vit import VisionTransformer
 
 B, N, C, H = 3, 1 + 16, 32, 4  # batch, tokens (CLS + 4x4 patches), channels, heads
 
@@ -56,7 +56,7 @@ def build(cls: type[TokenReducer], config: str) -> TokenReducer:
 def llava_inputs(seed: int = 0, dtype=torch.float32):
     """A padded batch for ``LlavaHost(TINY)``: 3 images, a 2-token prefix, a 5-token
     instruction of which samples 1 and 2 use 3 and 4 tokens."""
-    from reference.llava import TINY
+    from reference.hosts.llava import TINY
 
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(B, 3, 32, 32, generator=g).to(dtype)

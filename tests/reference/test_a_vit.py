@@ -7,9 +7,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from reference import vit
 from reference.a_vit import AViT, halting_scores
 from reference.core import Signals
+from reference.hosts import vit
 from tests.reference.conftest import B, N, make_signals, tiny_host, tokens
 from tests.reference.fixtures import load, tensor
 

@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import torch
 
-from reference import vit
 from reference.adaptive_sparse_vit import AdaptiveSparseViT, head_weighted_cls_attention
+from reference.hosts import vit
 from tests.reference.conftest import B, H, N, make_signals, tiny_host
 
 

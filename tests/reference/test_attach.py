@@ -8,7 +8,7 @@ import torch
 import reference
 from reference import registry
 from reference.core import TokenReducer
-from reference.llava import TINY, LlavaHost
+from reference.hosts.llava import TINY, LlavaHost
 from tests.reference.conftest import build, llava_inputs, tiny_host
 
 timm_vit = pytest.importorskip("timm.models.vision_transformer")

@@ -13,7 +13,7 @@ import torch
 
 import reference
 from reference import registry
-from reference.llava import LLMReducer
+from reference.hosts.llava import LLMReducer
 from tests.reference.test_attach_transformers import IMAGE, N_IMAGE, PIXELS, TEXTS, tiny_llava
 
 transformers = pytest.importorskip("transformers")

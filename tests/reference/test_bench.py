@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from reference import registry, vit
+from reference import registry
 from reference.core import TokenReducer
+from reference.hosts import vit
 from tools.bench_reference import build_reducers, run
 
 BENCHMARKED = [
@@ -57,7 +58,7 @@ VLM_BENCHMARKED = [e for e in registry.entries() if getattr(e.cls, "bench_settin
 
 @pytest.mark.parametrize("entry", VLM_BENCHMARKED, ids=[e.catalog_id for e in VLM_BENCHMARKED])
 def test_vlm_bench_setting_keeps_the_budget_on_the_llava_host(entry):
-    from reference.llava import TINY, LlavaHost, bench_setting
+    from reference.hosts.llava import TINY, LlavaHost, bench_setting
     from tests.reference.test_vlm_contract import inputs
 
     torch.manual_seed(0)

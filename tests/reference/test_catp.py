@@ -7,7 +7,7 @@ import torch
 
 from reference.catp import CATP, cross_attention_votes
 from reference.core import Signals
-from reference.llava import TINY, LlavaHost
+from reference.hosts.llava import TINY, LlavaHost
 from tests.reference.conftest import (
     B,
     N,

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reference import registry, vit
+from reference import registry
 from reference.core import TokenReducer
+from reference.hosts import vit
 from tests.reference.conftest import (
     B,
     N,
@@ -124,7 +125,7 @@ def test_host_with_budget_runs_and_reduces(entry):
 def test_runs_as_the_llava_hosts_vision_stage_with_a_consistent_cache(entry):
     """Any token reducer can prune the vision tower's output; decoding with the
     cache it leaves equals recomputing the sequence without a cache."""
-    from reference.llava import TINY, LlavaHost
+    from reference.hosts.llava import TINY, LlavaHost
 
     torch.manual_seed(0)
     host = LlavaHost(TINY).eval().apply(vision=build(entry.cls, "some"))
@@ -154,7 +155,7 @@ def test_host_logits_of_a_sample_do_not_depend_on_its_batch_mates(entry, proport
 
 @torch.no_grad()
 def test_llava_vision_stage_logits_of_a_sample_do_not_depend_on_its_batch_mates(entry):
-    from reference.llava import TINY, LlavaHost
+    from reference.hosts.llava import TINY, LlavaHost
 
     torch.manual_seed(0)
     host = LlavaHost(TINY).eval().apply(vision=build(entry.cls, "some"))

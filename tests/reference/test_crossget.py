@@ -7,7 +7,7 @@ import torch
 
 from reference.core import Signals
 from reference.crossget import CrossGET, crossget_merge
-from reference.llava import TINY, LlavaHost
+from reference.hosts.llava import TINY, LlavaHost
 from tests.reference.conftest import (
     B,
     N,

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from reference import dart as dart_module
 from reference.dart import DART, dart_keep
-from reference.llava import TINY, LlavaHost, LLMSignals
+from reference.hosts.llava import TINY, LlavaHost, LLMSignals
 from tests.reference.conftest import assert_cached_decoding_matches, llava_inputs
 from tests.reference.fixtures import load, tensor
 

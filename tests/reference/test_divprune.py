@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from reference.core import Signals
 from reference.divprune import DivPrune, divprune_select
-from reference.llava import TINY, LlavaHost
+from reference.hosts.llava import TINY, LlavaHost
 from tests.reference.conftest import (
     B,
     N,

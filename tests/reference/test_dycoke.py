@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from reference.core import Signals
 from reference.dycoke import DyCoke, dycoke_decode_step
-from reference.llava import TINY, LlavaHost
+from reference.hosts.llava import TINY, LlavaHost
 from tests.reference.conftest import assert_cached_decoding_matches, llava_inputs
 from tests.reference.fixtures import load, tensor
 

@@ -68,7 +68,7 @@ def test_training_masks_are_hard_and_hierarchical():
 def test_official_schedule_keeps_int_of_196_times_rho_to_the_stage():
     """Official ``models/dyvit.py``: ``int(init_n * token_ratio[s])`` with ``token_ratio =
     [0.7, 0.7**2, 0.7**3]`` keeps 137/96/67 of 196 (not 137/95/66, rounding per stage)."""
-    from reference import vit
+    from reference.hosts import vit
 
     torch.manual_seed(0)
     model = vit.VisionTransformer(img_size=224, embed_dim=16, depth=12, num_heads=2).eval()

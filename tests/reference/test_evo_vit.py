@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reference import vit
 from reference.core import Signals
 from reference.evo_vit import STATE_KEY, EvoViT
+from reference.hosts import vit
 from tests.reference.conftest import B, C, H, N, tiny_host, tokens
 from tests.reference.fixtures import load, tensor
 

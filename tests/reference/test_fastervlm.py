@@ -7,8 +7,8 @@ import torch
 
 from reference.core import Signals
 from reference.fastervlm import FasterVLM
-from reference.llava import TINY, LlavaHost
-from reference.vit import HostState
+from reference.hosts.llava import TINY, LlavaHost
+from reference.hosts.vit import HostState
 from tests.reference.conftest import (
     N,
     assert_cached_decoding_matches,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from reference.fastv import FastV
-from reference.llava import LLMSignals
+from reference.hosts.llava import LLMSignals
 from tests.reference.fixtures import load, tensor
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reference import vit
 from reference.core import Signals
 from reference.ficoco import FiCoCo, FiCoCoL, local_penalty, redundancy
-from reference.llava import TINY, LlavaHost, LLMSignals
+from reference.hosts import vit
+from reference.hosts.llava import TINY, LlavaHost, LLMSignals
 from reference.tome import ToMe
 from tests.reference.conftest import (
     B,

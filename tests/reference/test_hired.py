@@ -7,7 +7,7 @@ import torch
 
 from reference.core import Signals
 from reference.hired import HiRED, hired_keep, tile_ids
-from reference.llava import TINY, LlavaHost
+from reference.hosts.llava import TINY, LlavaHost
 from tests.reference.conftest import (
     B,
     assert_cached_decoding_matches,

@@ -7,7 +7,7 @@ import torch
 
 from reference.core import Signals
 from reference.holitom import SALIENCY, HoliTom, HoliTomLLM, static_windows
-from reference.llava import TINY, LlavaHost, LLMSignals
+from reference.hosts.llava import TINY, LlavaHost, LLMSignals
 from tests.reference.conftest import llava_inputs
 from tests.reference.fixtures import load, tensor
 

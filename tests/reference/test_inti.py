@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from reference import vit
+from reference.hosts import vit
 from reference.inti import InTI
 from tests.reference.conftest import B, C, make_signals, tiny_host, tokens
 

@@ -9,11 +9,11 @@ import torch.nn.functional as F
 
 from reference.core import TokenReducer, identity
 from reference.fastv import FastV
-from reference.llava import TINY, LlavaHost, LLMReducer, LLMSignals
+from reference.hosts.llava import TINY, LlavaHost, LLMReducer, LLMSignals
+from reference.hosts.vit import HostState
 from reference.ops import keep_image_tokens
 from reference.pyramiddrop import PyramidDrop
 from reference.tome import ToMe
-from reference.vit import HostState
 from tests.reference.test_vlm_contract import inputs
 
 

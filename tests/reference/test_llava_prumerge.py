@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from reference.core import Signals
-from reference.llava import TINY, LlavaHost
+from reference.hosts.llava import TINY, LlavaHost
+from reference.hosts.vit import HostState
 from reference.llava_prumerge import LLaVAPruMerge, official_signals, prumerge
-from reference.vit import HostState
 from tests.reference.conftest import (
     B,
     assert_cached_decoding_matches,

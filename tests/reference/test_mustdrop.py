@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from reference.core import Signals
-from reference.llava import TINY, LlavaHost, LLMSignals
+from reference.hosts.llava import TINY, LlavaHost, LLMSignals
 from reference.mustdrop import (
     KEY,
     MustDrop,

@@ -6,8 +6,8 @@ import itertools
 
 import torch
 
-from reference import vit
 from reference.core import Signals
+from reference.hosts import vit
 from reference.patch_slimming import PatchSlimming, path_gram, significance, slim, top_down_masks
 from tests.reference.conftest import N, tiny_host, tokens
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from reference import registry
-from reference.llava import TINY, LlavaHost
+from reference.hosts.llava import TINY, LlavaHost
 from reference.projector import Projector, ProjectorSignals
 from tests.reference.conftest import assert_cached_decoding_matches, llava_inputs
 

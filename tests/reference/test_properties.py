@@ -14,8 +14,9 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from reference import registry, vit
+from reference import registry
 from reference.core import Reduction, Signals, TokenReducer
+from reference.hosts import vit
 from tests.reference.conftest import B, C, build, make_signals, tiny_host
 
 ENTRIES = [e for e in registry.entries() if issubclass(e.cls, TokenReducer)]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from reference.core import Signals
-from reference.llava import TINY, LlavaHost, LLMSignals
+from reference.hosts.llava import TINY, LlavaHost, LLMSignals
 from reference.prunevid import LAYOUT, PruneVid, PruneVidLLM, refine_runs, run_lengths
 from tests.reference.conftest import llava_inputs
 from tests.reference.fixtures import load, tensor

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from reference.llava import TINY, DecoderLayer, LlavaHost, LLMReducer, LLMSignals
+from reference.hosts.llava import TINY, DecoderLayer, LlavaHost, LLMReducer, LLMSignals
 from reference.ops import keep_image_tokens
 from reference.pyramiddrop import PyramidDrop
 from tests.reference.fixtures import load, tensor

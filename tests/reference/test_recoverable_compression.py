@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from reference.core import Signals
-from reference.llava import TINY, LlavaHost
+from reference.hosts.llava import TINY, LlavaHost
 from reference.recoverable_compression import RecoverableCompression, lof_outliers
 from tests.reference.conftest import (
     B,

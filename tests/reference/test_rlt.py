@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
-from reference import vit
 from reference.core import Signals
+from reference.hosts import vit
 from reference.rlt import RLT
 from tests.reference.conftest import C, make_signals, tiny_host
 from tests.reference.fixtures import load, tensor

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reference.llava import TINY, LlavaHost, LLMSignals
+from reference.hosts.llava import TINY, LlavaHost, LLMSignals
 from reference.sparsevlm import EMBEDS, RATERS, SparseVLM
 from tests.reference.conftest import llava_inputs
 from tests.reference.fixtures import load, tensor

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reference import vit
 from reference.core import Signals
+from reference.hosts import vit
 from reference.tempme import TempMe
 from tests.reference.fixtures import load, tensor
 
@@ -122,7 +122,7 @@ def test_settings_the_paper_cannot_express_are_refused():
 
 
 def test_official_reducers_pair_a_join_and_a_merge_in_blocks_8_to_10():
-    from reference.vit import split_hooks
+    from reference.hosts.vit import split_hooks
 
     reducers = TempMe.official_reducers(dim=16)
     assert sorted(reducers) == list(range(12))

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import torch
 
-from reference.llava import TINY, LlavaHost
+from reference.hosts.llava import TINY, LlavaHost
 from reference.token_corr_compression import (
     TokenCorrCompression,
     information_density,

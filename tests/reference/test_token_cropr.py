@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reference import vit
 from reference.core import Signals
+from reference.hosts import vit
 from reference.token_cropr import AUX_KEY, LastLayerFusion, TokenCropr, cropr_reducers
 from tests.reference.conftest import B, C, N, tiny_host, tokens
 from tests.reference.fixtures import load, tensor

@@ -106,7 +106,7 @@ def test_bfloat16_squeeze_stays_close_to_float32():
 def test_official_schedule_keeps_int_of_196_times_rho_to_the_stage():
     """Official ``keep_ratio_list = [0.7 ** (k + 1)]`` with ``int(init_n * ratio)`` keeps
     137/96/67 of 196 (not 137/95/66, rounding per stage); ``relative=True`` gives those."""
-    from reference import vit
+    from reference.hosts import vit
 
     torch.manual_seed(0)
     model = vit.VisionTransformer(img_size=224, embed_dim=16, depth=12, num_heads=2).eval()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from reference.core import Signals
-from reference.llava import TINY, LlavaHost
+from reference.hosts.llava import TINY, LlavaHost
 from reference.trim import TRIM, iqr_outliers, text_scores
 from tests.reference.conftest import (
     B,

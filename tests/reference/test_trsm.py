@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import torch
 
-from reference.llava import TINY, LlavaHost
+from reference.hosts.llava import TINY, LlavaHost
 from reference.trsm import TRSM
 from tests.reference.conftest import (
     B,

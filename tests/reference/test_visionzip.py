@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from reference.core import Signals
-from reference.llava import TINY, LlavaHost
+from reference.hosts.llava import TINY, LlavaHost
 from reference.visionzip import VisionZip
 from tests.reference.conftest import (
     B,

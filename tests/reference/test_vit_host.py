@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from reference import vit
 from reference.core import Reduction, Signals, TokenReducer, keep_tokens
+from reference.hosts import vit
 from reference.tome import ToMe
 from tests.reference.conftest import tiny_host
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reference import vit
 from reference.core import Signals
+from reference.hosts import vit
 from reference.vit_slim import ViTSlim, compress, global_patch_masks, sparsity_loss
 from tests.reference.conftest import N, tiny_host, tokens
 from tests.reference.fixtures import load, tensor

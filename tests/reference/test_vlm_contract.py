@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from reference import registry
-from reference.llava import TINY, LlavaHost, LLMReducer
+from reference.hosts.llava import TINY, LlavaHost, LLMReducer
 from tests.reference.conftest import llava_inputs
 
 LLM_ENTRIES = [e for e in registry.entries() if issubclass(e.cls, LLMReducer)]

@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reference.core import Reduction, Signals, TokenReducer, gather_tokens
+from reference.hosts.vit import HostState, VisionTransformer
 from reference.projector import Projector, ProjectorSignals
-from reference.vit import HostState, VisionTransformer
 
 
 @dataclass(frozen=True)
