@@ -6,6 +6,7 @@ import fnmatch
 import importlib
 import pkgutil
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
@@ -45,9 +46,8 @@ def register(cls: type) -> type:
 
 
 def _import_all() -> None:
-    import reference
-
-    for info in pkgutil.iter_modules(reference.__path__):
+    package = str(Path(__file__).parent)  # this package's folder: every module in it
+    for info in pkgutil.iter_modules([package]):
         if info.name not in INFRASTRUCTURE and not info.name.startswith("_"):
             importlib.import_module(f"reference.{info.name}")
 
