@@ -428,3 +428,11 @@ def _shots() -> Path:
     shots = paths.ROOT / "artifacts" / "screenshots"
     shots.mkdir(parents=True, exist_ok=True)
     return shots
+
+
+def test_a_baseline_is_named_as_one_and_links_to_no_paper(catalog):
+    from tools.site.benchmarks import _Methods
+
+    methods = _Methods(catalog)
+    assert methods.cell("random_pruning") == "`random_pruning` (baseline)"
+    assert methods.cell("no_longer_here") == "`no_longer_here`"

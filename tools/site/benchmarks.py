@@ -9,11 +9,13 @@ through ``mdtext`` (Markdown) or markupsafe (HTML), so they show as text.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 
 from markupsafe import Markup
 
 from tools.loader import Catalog
+from tools.refs import declared_ids
 from tools.schema import PaperBase
 from tools.site.pages import mdtext, site_environment
 from tools.site.reference_pages import (
@@ -112,12 +114,22 @@ def provenance(suite: str, data: dict) -> str:
     )
 
 
+def _code(name: str) -> Markup:
+    """``name`` as inline code: a catalog id as it is (escapes show inside a code span),
+    anything else as escaped text."""
+    if re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        return Markup("`{}`").format(Markup(name))
+    return mdtext(name)
+
+
 class _Methods:
     """How a method is shown: its paper's short name, linked, and marked when provisional."""
 
     def __init__(self, catalog: Catalog):
         self.papers = {p.id: p for p in catalog.papers}
         self.modules = {m.catalog_id: m for m in read_modules(catalog.reference_dir)}
+        baselines = catalog.reference_dir / "baselines.py"
+        self.baselines = {i for i, _ in declared_ids(baselines)} if baselines.is_file() else set()
 
     def name(self, method: str) -> str:
         paper = self.papers.get(method)
@@ -125,8 +137,10 @@ class _Methods:
 
     def cell(self, method: str) -> Markup:
         paper = self.papers.get(method)
+        if method in self.baselines:  # no paper: a reference point (reference/baselines.py)
+            return _code(method) + Markup(" (baseline)")
         if paper is None:  # results for a method the catalog no longer has
-            return Markup("`{}`").format(mdtext(method))
+            return _code(method)
         link = Markup("[{}](papers/{}.md)").format(mdtext(paper.name), paper.id)
         module = self.modules.get(method)
         if module is not None and module.provisional:
