@@ -434,5 +434,5 @@ def test_a_baseline_is_named_as_one_and_links_to_no_paper(catalog):
     from tools.site.benchmarks import _Methods
 
     methods = _Methods(catalog)
-    assert methods.cell("random_pruning") == "`random_pruning` (baseline)"
+    assert methods.cell("random_pruning") == "Random pruning (baseline)"
     assert methods.cell("no_longer_here") == "`no_longer_here`"

@@ -138,7 +138,7 @@ class _Methods:
     def cell(self, method: str) -> Markup:
         paper = self.papers.get(method)
         if method in self.baselines:  # no paper: a reference point (reference/baselines.py)
-            return _code(method) + Markup(" (baseline)")
+            return mdtext(method.replace("_", " ").capitalize() + " (baseline)")
         if paper is None:  # results for a method the catalog no longer has
             return _code(method)
         link = Markup("[{}](papers/{}.md)").format(mdtext(paper.name), paper.id)
