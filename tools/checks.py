@@ -18,7 +18,7 @@ from tools.schema import FIELD_ORDER
 from tools.taxonomy import Taxonomy
 
 if TYPE_CHECKING:
-    from tools.loader import Entry
+    from tools.entry import Entry
 
 # Query parameters that change how a page looks, not what it is.
 _COSMETIC_QUERY = {"tab", "utm_source", "utm_medium", "utm_campaign"}

@@ -9,23 +9,12 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from tools import paths
+from tools.entry import Entry
 from tools.files import ENTRY_LIMIT, UnreadableFile, describe_os_error, read_text
 from tools.problems import CatalogInvalid, Problem
 from tools.schema import Erratum, Links, PaperBase, paper_model
 from tools.taxonomy import Taxonomy, TaxonomyError, load_taxonomy
 from tools.yaml_lines import LocatedYaml, YamlSyntaxError, load_located
-
-
-@dataclass(frozen=True)
-class Entry:
-    """A validated paper with the file it came from and the line of each field."""
-
-    paper: PaperBase
-    path: Path
-    located: LocatedYaml
-
-    def line(self, *field: str | int) -> int:
-        return self.located.line_of(tuple(field))
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from tools.problems import Problem
 
 if TYPE_CHECKING:
-    from tools.loader import Entry
+    from tools.entry import Entry
 
 # Modules of the reference package that serve every method (contract, registry, hosts).
 INFRASTRUCTURE = frozenset(
