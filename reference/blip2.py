@@ -51,15 +51,15 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(kv_dim, hidden)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, bias: Tensor | None = None) -> Tensor:
+        """``bias``: an additive attention mask (LLaMA-VID's padded text), or None."""
         h = self.num_attention_heads
-        q, k, v = (
-            _heads(self.query(x), h),
-            _heads(self.key(context), h),
-            _heads(self.value(context), h),
-        )
-        attn = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(dim=-1)
-        return (self.dropout(attn) @ v).transpose(1, 2).flatten(2)
+        q = _heads(self.query(x), h)
+        k, v = _heads(self.key(context), h), _heads(self.value(context), h)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        if bias is not None:
+            scores = scores + bias
+        return (self.dropout(scores.softmax(dim=-1)) @ v).transpose(1, 2).flatten(2)
 
 
 class BertResidual(nn.Module):
@@ -81,8 +81,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(hidden, heads, kv_dim, dropout)
         self.output = BertResidual(hidden, hidden, eps, dropout)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        return self.output(self.self(x, context), x)
+    def forward(self, x: Tensor, context: Tensor, bias: Tensor | None = None) -> Tensor:
+        return self.output(self.self(x, context, bias), x)
 
 
 class BertIntermediate(nn.Module):

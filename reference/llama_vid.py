@@ -44,6 +44,8 @@ Deviations from the official code:
 - Only ``bert_type="qformer_pretrain"`` (the released models): ``vlm_att_ln``, an encoder
   width ``att_feat_size`` of 1408 and ``vlm_att_bert_proj`` where ``in_dim`` differs from it.
   ``vocab_size=0`` builds no word table (text must then come embedded).
+- The Q-Former is BLIP-2's (LAVIS's BERT with cross-attention): its attention, residual
+  and feed-forward blocks are ``reference.blip2``'s; the layer adds the text path.
 """
 
 from __future__ import annotations
@@ -56,63 +58,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reference.blip2 import BertAttention, BertIntermediate, BertResidual
 from reference.projector import Projector, ProjectorSignals
 from reference.registry import register
-
-
-def _heads(x: Tensor, h: int) -> Tensor:
-    return x.unflatten(-1, (h, -1)).transpose(1, 2)  # [B, H, L, D]
-
-
-class BertSelfAttention(nn.Module):
-    def __init__(self, hidden: int, heads: int, kv_dim: int, dropout: float):
-        super().__init__()
-        self.num_attention_heads = heads
-        self.query = nn.Linear(hidden, hidden)
-        self.key = nn.Linear(kv_dim, hidden)
-        self.value = nn.Linear(kv_dim, hidden)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor, context: Tensor, bias: Tensor | None = None) -> Tensor:
-        h = self.num_attention_heads
-        q = _heads(self.query(x), h)
-        k, v = _heads(self.key(context), h), _heads(self.value(context), h)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-        if bias is not None:
-            scores = scores + bias
-        return (self.dropout(scores.softmax(dim=-1)) @ v).transpose(1, 2).flatten(2)
-
-
-class BertResidual(nn.Module):
-    """``dense``, dropout, then ``LayerNorm`` of the sum with the input (BERT's post-LN)."""
-
-    def __init__(self, d_in: int, hidden: int, eps: float, dropout: float):
-        super().__init__()
-        self.dense = nn.Linear(d_in, hidden)
-        self.LayerNorm = nn.LayerNorm(hidden, eps=eps)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, h: Tensor, residual: Tensor) -> Tensor:
-        return self.LayerNorm(self.dropout(self.dense(h)) + residual)
-
-
-class BertAttention(nn.Module):
-    def __init__(self, hidden: int, heads: int, kv_dim: int, eps: float, dropout: float):
-        super().__init__()
-        self.self = BertSelfAttention(hidden, heads, kv_dim, dropout)
-        self.output = BertResidual(hidden, hidden, eps, dropout)
-
-    def forward(self, x: Tensor, context: Tensor, bias: Tensor | None = None) -> Tensor:
-        return self.output(self.self(x, context, bias), x)
-
-
-class BertIntermediate(nn.Module):
-    def __init__(self, hidden: int, intermediate: int):
-        super().__init__()
-        self.dense = nn.Linear(hidden, intermediate)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.gelu(self.dense(x))  # BERT's "gelu": the exact erf form
 
 
 class QFormerLayer(nn.Module):
