@@ -54,6 +54,32 @@ class Handle:
         self.detach()
 
 
+_MISSING = object()
+
+
+class Overrides:
+    """Instance attributes set over an object's own (a patched ``forward``), put back exactly.
+
+    ``set`` remembers what the instance held (usually nothing: the class's method shows
+    through); ``undo`` restores it, newest first, so the object's ``__dict__`` is as before.
+    """
+
+    def __init__(self) -> None:
+        self._saved: list[tuple[object, str, object]] = []
+
+    def set(self, owner: object, name: str, value: object) -> None:
+        self._saved.append((owner, name, owner.__dict__.get(name, _MISSING)))
+        object.__setattr__(owner, name, value)
+
+    def undo(self) -> None:
+        for owner, name, previous in reversed(self._saved):
+            if previous is _MISSING:
+                del owner.__dict__[name]
+            else:
+                object.__setattr__(owner, name, previous)
+        self._saved.clear()
+
+
 def check_layers(layers: Iterable[int], count: int, what: str) -> list[int]:
     """``layers`` as a list, each an index in ``[0, count)``; a ValueError says which not."""
     layers = list(layers)
@@ -63,4 +89,4 @@ def check_layers(layers: Iterable[int], count: int, what: str) -> list[int]:
     return layers
 
 
-__all__ = ["Handle", "check_layers"]
+__all__ = ["Handle", "Overrides", "check_layers"]

@@ -29,11 +29,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from reference.adapters import Overrides
 from reference.core import Signals, TokenReducer
 from reference.hosts.vit import attend
 from reference.projector import Projector, ProjectorSignals
-
-_MISSING = object()
 
 
 def matches(model: nn.Module) -> bool:
@@ -166,22 +165,16 @@ class Patch:
         self.state: dict = {}
         self.last_attention_mask: Tensor | None = None  # of the last shrunk prompt
         self.last_input_ids: Tensor | None = None
-        self._saved: list[tuple[str, object]] = []
+        self._overrides = Overrides()
         original_forward, original_generate = model.forward, model.generate
         self._set("forward", self._wrap(original_forward, generating=False))
         self._set("generate", self._wrap(original_generate, generating=True))
 
     def _set(self, name: str, value: object) -> None:
-        self._saved.append((name, self.model.__dict__.get(name, _MISSING)))
-        object.__setattr__(self.model, name, value)
+        self._overrides.set(self.model, name, value)
 
     def undo(self) -> None:
-        for name, previous in reversed(self._saved):
-            if previous is _MISSING:
-                del self.model.__dict__[name]
-            else:
-                object.__setattr__(self.model, name, previous)
-        self._saved.clear()
+        self._overrides.undo()
 
     def _wrap(self, original: Callable, generating: bool) -> Callable:
         def call(input_ids: Tensor | None = None, *args, **kwargs):

@@ -60,6 +60,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from reference.adapters import Overrides
 from reference.hosts.llava import LLMReducer, LLMSignals
 
 try:
@@ -67,7 +68,6 @@ try:
 except ImportError:  # the adapter is only reached with a transformers model
     DynamicCache = ()
 
-_MISSING = object()
 DECODERS = ("llama",)  # text_config.model_type values whose layers this adapter patches
 ATTENTION = ("sdpa", "eager")
 NEEDS = frozenset({"last_attn", "next_attn", "attn", "keys"})  # the host's LLMSignals computed here
@@ -266,23 +266,17 @@ class LLMPatch:
         self.last_state: dict = {}
         self._call: _Call | None = None
         self._records: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._saved: list[tuple[object, str, object]] = []
+        self._overrides = Overrides()
         self.lm = model.model.language_model
         self._set(model.model, "forward", self._wrap_model(model.model.forward))
         for i, layer in enumerate(self.lm.layers):
             self._set(layer, "forward", self._wrap_layer(i, layer, layer.forward))
 
     def _set(self, owner: object, name: str, value: object) -> None:
-        self._saved.append((owner, name, owner.__dict__.get(name, _MISSING)))
-        object.__setattr__(owner, name, value)
+        self._overrides.set(owner, name, value)
 
     def undo(self) -> None:
-        for owner, name, previous in reversed(self._saved):
-            if previous is _MISSING:
-                del owner.__dict__[name]
-            else:
-                object.__setattr__(owner, name, previous)
-        self._saved.clear()
+        self._overrides.undo()
 
     # -- LlavaModel.forward: where the image is, and the padding -------------------
     def _wrap_model(self, original: Callable) -> Callable:

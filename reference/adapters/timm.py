@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
+from reference.adapters import Overrides
 from reference.core import TokenReducer
 from reference.hosts.vit import HostState, attend, split_hooks
 
@@ -56,23 +57,17 @@ class Patch:
     def __init__(self, model: nn.Module, reducers: dict[int, TokenReducer], proportional: bool):
         self.model, self.reducers, self.proportional = model, reducers, proportional
         self.last_state: HostState | None = None
-        self._saved: list[tuple[nn.Module, str, object]] = []
+        self._overrides = Overrides()
         for i, block in enumerate(model.blocks):
             self._set(block, "forward", self._block_forward(block, i))
         original_pool = model.pool
         self._set(model, "pool", lambda x, pool_type=None: self._pool(original_pool, x, pool_type))
 
-    def _set(self, obj: nn.Module, name: str, value: object) -> None:
-        self._saved.append((obj, name, obj.__dict__.get(name, _MISSING)))
-        object.__setattr__(obj, name, value)
+    def _set(self, obj: object, name: str, value: object) -> None:
+        self._overrides.set(obj, name, value)
 
     def undo(self) -> None:
-        for obj, name, previous in reversed(self._saved):
-            if previous is _MISSING:
-                del obj.__dict__[name]
-            else:
-                object.__setattr__(obj, name, previous)
-        self._saved.clear()
+        self._overrides.undo()
 
     def _block_forward(self, block: nn.Module, layer: int) -> Callable[..., Tensor]:
         def forward(x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
@@ -123,9 +118,6 @@ class Patch:
         if ctx.keep is not None:
             w = w * (ctx.keep[:, p:] > 0).to(x.dtype)
         return (x[:, p:] * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-12)
-
-
-_MISSING = object()
 
 
 def attach(model: nn.Module, reducers: dict[int, TokenReducer], proportional: bool) -> Patch:
