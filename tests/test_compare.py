@@ -52,6 +52,7 @@ def test_compare_writes_a_table_json_and_plot(checkpoint, tmp_path, capsys):
         (["--model", "/nonexistent"], "not a save_pretrained checkpoint folder"),
         (["--methods", "no_such_method"], "no reference implementation for no_such_method"),
         (["--budget", "0"], "--budget must be positive"),
+        (["--samples", "0"], "--samples must be >= 1"),
     ],
 )
 def test_bad_arguments_are_refused_with_the_reason(checkpoint, tmp_path, capsys, argv, message):
@@ -61,4 +62,15 @@ def test_bad_arguments_are_refused_with_the_reason(checkpoint, tmp_path, capsys,
     flat = [part for pair in args.items() for part in pair]
     assert main(["compare", *flat, "-o", str(out), "--quiet", "--repeat", "1"]) == 1
     assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_malformed_questions_file_names_its_line_and_field(checkpoint, tmp_path, capsys):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"image": "a.png", "question": "What?"}\n{"image": "b.png"}\n')
+    out = tmp_path / "result.json"
+    argv = ["compare", "--model", str(checkpoint), "--methods", "visionzip", "--budget", "4"]
+    assert main([*argv, "--questions", str(questions), "-o", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"{questions}:2: question: missing or not a string" in err
     assert not out.exists()

@@ -77,22 +77,31 @@ def synthetic_inputs(model, samples: int, batch: int, text: int = 12, seed: int 
     return Inputs(batches, None, n_image)
 
 
-def dataset_inputs(path: str, images: str, questions: str, batch: int) -> Inputs:
+def dataset_inputs(path: str, images: str, questions: str, batch: int, n_image: int) -> Inputs:
     """``questions``: JSON lines ``{"image": file in images, "question": ..., "answer": ...}``."""
     from PIL import Image
     from transformers import AutoProcessor
 
+    rows = []
+    for number, line in enumerate(Path(questions).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{questions}:{number}: not JSON: {exc.msg}") from exc
+        if not isinstance(row, dict):
+            raise ValueError(f"{questions}:{number}: expected an object with image and question")
+        for field in ("image", "question"):
+            if not isinstance(row.get(field), str) or not row[field]:
+                raise ValueError(f"{questions}:{number}: {field}: missing or not a string")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{questions}: no questions")
     try:
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ValueError(f"{path}: --questions needs the checkpoint's processor: {exc}") from exc
-    rows = []
-    for number, line in enumerate(Path(questions).read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{questions}:{number}: not JSON: {exc.msg}") from exc
     batches, answers = [], []
     for start in range(0, len(rows), batch):
         chunk = rows[start : start + batch]
@@ -101,8 +110,7 @@ def dataset_inputs(path: str, images: str, questions: str, batch: int) -> Inputs
         encoded = processor(images=pictures, text=prompts, return_tensors="pt", padding=True)
         batches.append(dict(encoded))
         answers += [str(row.get("answer", "")) for row in chunk]
-    n_image = processor.image_processor.crop_size["height"] // 14  # informative only
-    return Inputs(batches, answers if any(answers) else None, n_image**2)
+    return Inputs(batches, answers if any(answers) else None, n_image)
 
 
 def _time(func, device) -> float:
@@ -186,10 +194,18 @@ def kept_tokens(handle, image_id: int) -> float | None:
 def run(args) -> dict:
     from tqdm import tqdm
 
+    for name in ("samples", "batch", "new_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.repeat < 0:
+        raise ValueError(f"--repeat must be >= 0, got {args.repeat}")
     device = torch.device(args.device)
     model = load_model(args.model, args.device, args.dtype)
     if args.questions:
-        inputs = dataset_inputs(args.model, args.images or ".", args.questions, args.batch)
+        inputs = dataset_inputs(
+            args.model, args.images or ".", args.questions, args.batch,
+            model.config.image_seq_length,
+        )  # fmt: skip
     else:
         inputs = synthetic_inputs(model, args.samples, args.batch)
     methods = [m for m in args.methods.split(",") if m]
