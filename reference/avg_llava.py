@@ -122,6 +122,7 @@ class AVGLLaVA(Projector):
 
     catalog_id = "avg_llava"
     kind = "pooling"
+    count_argument = "granularity"
     test_configs: ClassVar[dict[str, dict]] = {
         "some": {"in_dim": 32, "out_dim": 64, "vis_token_granularity": (2, 4, 8)},
     }

@@ -122,6 +122,7 @@ class Blip2(Projector):
 
     catalog_id = "blip2"
     kind = "resampling"
+    count_argument = "num_query_token"
     test_configs: ClassVar[dict[str, dict]] = {
         "some": {
             "in_dim": 32,

@@ -41,6 +41,7 @@ class DeCo(Projector):
     catalog_id = "deco"
     kind = "pooling"
     basis = "the authors' README snippet (the repository has no code files)"
+    count_argument = "query_num"
     test_configs: ClassVar[dict[str, dict]] = {
         "some": {"in_dim": 32, "out_dim": 64, "query_num": 4},
     }

@@ -297,6 +297,7 @@ class FastVLM(Projector):
     """FastViTHD on the image laid out as 1x1 patches, then LLaVA's MLP projector."""
 
     catalog_id = "fastvlm"
+    takes = "pixels"
     kind = "convolutional-downsampling"
     test_configs: ClassVar[dict[str, dict]] = {
         "some": {

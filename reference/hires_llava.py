@@ -71,6 +71,7 @@ class HiResLLaVA(Projector):
         "provisional: the abstract, the catalog summary and two third-party summaries of the "
         "paper; no official code exists and the sampler's design is guessed"
     )
+    count_argument = "num_queries"
     test_configs: ClassVar[dict[str, dict]] = {
         "some": {"in_dim": 32, "out_dim": 64, "num_queries": 4, "num_heads": 4},
     }

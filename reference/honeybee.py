@@ -134,6 +134,10 @@ class CAbstractor(Projector):
         ({"mlp_depth": 0}, "mlp_depth"),
     )
 
+    @classmethod
+    def count_setting(cls, keep: int, n_image: int) -> dict | None:
+        return {"num_input_tokens": n_image, "num_query_tokens": keep}
+
     def __init__(
         self,
         in_dim: int = 1024,

@@ -80,6 +80,11 @@ class InternVL15(Projector):
         ({"ps_version": "v3"}, "ps_version"),
     )
 
+    @classmethod
+    def count_setting(cls, keep: int, n_image: int) -> dict | None:
+        k = math.isqrt(n_image // keep) if keep and n_image % keep == 0 else 0
+        return {"downsample_ratio": 1 / k} if k > 1 and k * k * keep == n_image else None
+
     def __init__(
         self,
         in_dim: int = 3200,

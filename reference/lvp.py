@@ -140,6 +140,7 @@ class LVP(Projector):
         "provisional: the paper's abstract (OpenReview PxBzxO02Ef) only; no code was released "
         "and the paper's body was not available, so every design detail is guessed"
     )
+    count_argument = "num_queries"
     test_configs: ClassVar[dict[str, dict]] = {
         "some": {"in_dim": 32, "out_dim": 64, "num_queries": 4, "num_heads": 4, "n_points": 2},
     }

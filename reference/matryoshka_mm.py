@@ -68,6 +68,7 @@ class MatryoshkaMM(Projector):
 
     catalog_id = "matryoshka_mm"
     kind = "pooling"
+    count_argument = "matryoshka_vis_token_scale"
     test_configs: ClassVar[dict[str, dict]] = {
         "some": {"in_dim": 32, "out_dim": 64, "matryoshka_vis_token_scale": 4},
     }

@@ -64,6 +64,11 @@ class MobileVLMV2(Projector):
     test_configs: ClassVar[dict[str, dict]] = {"some": {"in_dim": 32, "out_dim": 64, "shape": 2}}
     invalid_configs = (({"shape": 0}, "shape"),)
 
+    @classmethod
+    def count_setting(cls, keep: int, n_image: int) -> dict | None:
+        side = math.isqrt(keep)
+        return {"shape": side} if side * side == keep else None
+
     def __init__(self, in_dim: int = 1024, out_dim: int = 2048, shape: int = 12):
         super().__init__()
         if shape < 1:

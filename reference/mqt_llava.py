@@ -54,6 +54,7 @@ class MQTLLaVA(Projector):
 
     catalog_id = "mqt_llava"
     kind = "resampling"
+    count_argument = "num_visual_tokens"
     test_configs: ClassVar[dict[str, dict]] = {
         "some": {
             "in_dim": 32,

@@ -43,6 +43,8 @@ class Projector(nn.Module):
     16 patches on a 4x4 grid); the output must have fewer tokens than the input.
     ``invalid_configs`` lists constructor arguments the paper cannot express, each
     with the argument its ValueError must name (checked by the contract test).
+    ``count_argument`` (or an overridden ``count_setting``) says how to reach a given
+    number of tokens, so the benchmark compares projectors at equal budgets.
     """
 
     catalog_id: str = ""
@@ -50,6 +52,17 @@ class Projector(nn.Module):
     basis: str = "official code"
     test_configs: ClassVar[dict[str, dict]] = {"some": {"in_dim": 32, "out_dim": 64}}
     invalid_configs: ClassVar[tuple[tuple[dict, str], ...]] = ()
+    count_argument: ClassVar[str | None] = None  # the constructor argument that is ``M``
+    takes: ClassVar[str] = "features"  # or "pixels": a vision encoder of its own (FastVLM)
+
+    @classmethod
+    def count_setting(cls, keep: int, n_image: int) -> dict | None:
+        """Constructor arguments, besides ``in_dim`` and ``out_dim``, that make this
+        projector emit ``keep`` tokens for ``n_image`` patches on a square grid
+        (``python -m tools bench --suite projector``); None when no setting does. The
+        default sets ``count_argument``; the caller checks ``num_tokens`` and a
+        ValueError of the constructor means the count is out of reach."""
+        return None if cls.count_argument is None else {cls.count_argument: keep}
 
     def forward(self, features: Tensor, signals: ProjectorSignals) -> Tensor:  # pragma: no cover
         raise NotImplementedError

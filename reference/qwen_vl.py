@@ -99,6 +99,7 @@ class QwenVL(Projector):
 
     catalog_id = "qwen_vl"
     kind = "resampling"
+    count_argument = "n_queries"
     test_configs: ClassVar[dict[str, dict]] = {
         "some": {"in_dim": 32, "out_dim": 64, "n_queries": 4, "num_heads": 4},
     }

@@ -38,6 +38,7 @@ Deviations from the official code:
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import ClassVar
 
@@ -87,6 +88,13 @@ class TokenPacker(Projector):
         ({"multi_layers": ()}, "multi_layers"),
         ({"multi_layers": (0, 2)}, "multi_layers"),
     )
+
+    @classmethod
+    def count_setting(cls, keep: int, n_image: int) -> dict | None:
+        raw, side = math.isqrt(n_image), math.isqrt(keep)
+        if raw * raw != n_image or side * side != keep or side == 0 or raw % side:
+            return None
+        return {"raw_grid": raw, "scale_factor": raw // side}
 
     def __init__(
         self,

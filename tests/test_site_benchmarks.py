@@ -436,3 +436,82 @@ def test_a_baseline_is_named_as_one_and_links_to_no_paper(catalog):
     methods = _Methods(catalog)
     assert methods.cell("random_pruning") == "Random pruning (baseline)"
     assert methods.cell("no_longer_here") == "`no_longer_here`"
+
+
+# Projectors
+
+
+def projector_row(method, tokens_out, ms, setting=None, **extra):
+    return {
+        "method": method,
+        "budget": tokens_out if setting else None,
+        "setting": setting or {},
+        "tokens_in": 576,
+        "tokens_out": tokens_out,
+        "params_m": 20.98,
+        "base_params_m": 20.98,
+        "gflops": 6.04,
+        "base_gflops": 24.16,
+        "ms": ms,
+        "base_ms": 20.0,
+        "text_width": None,
+        "base_prefill_ms": 300.0,
+        "prefill_ms": 150.0,
+        "prefill_speedup": 2.0,
+        "peak_mb": None,
+        **extra,
+    }
+
+
+def projector_results(device="cpu"):
+    rows = [
+        projector_row("deco", 144, 25.0, {"query_num": 144}),
+        projector_row("blip2", 64, 180.0, {"num_query_token": 64}),
+        projector_row("deco", 64, 30.0, {"query_num": 64}),
+        {
+            **projector_row("tokenpacker", 144, 50.0, {"raw_grid": 24, "scale_factor": 2}),
+            "prefill_error": "multi_layers (12, 16, 22, 23) need 23 vision layers",
+        },
+    ]
+    del rows[3]["prefill_speedup"]
+    skipped = {"fastvlm": "a vision encoder of its own: it takes pixels, not patch features"}
+    return {device: {**meta(device), "results": rows, "skipped": skipped}}
+
+
+def test_comparison_lists_projectors_by_tokens_out_then_cost(catalog):
+    text = benchmarks.comparison_page(catalog, {}, {}, projector_results())
+    rows = table_rows(text, "#### Projectors at the LLaVA-1.5 shape")
+    header, _, *body = rows
+    assert header[:3] == ["Method", "Tokens out", "Setting"] and "Peak MB" not in header
+    # 64 tokens before 144; at each count the cheaper compressor first (DeCo's 30 ms before
+    # BLIP-2's 180 ms; DeCo's 25 ms before TokenPacker's 50 ms).
+    names = [r[0].split("]")[0].lstrip("[") for r in body]
+    assert names == ["DeCo", "BLIP-2", "DeCo", "TokenPacker"]
+    assert [r[1] for r in body] == ["64", "64", "144", "144"]
+    assert body[0][-1].startswith("**2.00×**")
+    assert body[3][-1].startswith(r"not run: multi\_layers")  # why the host could not run it
+    assert "`fastvlm` (a vision encoder of its own" in text
+    assert "docs/benchmarks/projector-cpu.json" in text
+    assert "python -m tools bench --suite projector --device cpu" in text
+
+
+def test_comparison_says_projectors_are_not_measured_yet(catalog):
+    text = benchmarks.comparison_page(catalog, {}, {})
+    assert "Not measured yet: run `python -m tools bench --suite projector`." in text
+
+
+def test_paper_page_shows_a_projector_cost_at_each_count(papers):
+    html = benchmarks.paper_speed(papers["deco"], {}, {}, projector_results())
+    assert "from 576 patch features: 64 tokens: 20.98 M parameters, 30.0 ms" in html
+    assert "144 tokens: 20.98 M parameters, 25.0 ms against the MLP's 20.0 ms" in html
+    assert 'href="../../comparison/#projector-cpu"' in html
+    assert benchmarks.paper_speed(papers["deco"], {}, {}, {}) == ""
+
+
+def test_reference_page_shows_projector_rows(papers):
+    module = next(m for m in rp.read_modules(paths.REFERENCE) if m.catalog_id == "deco")
+    text = pages.reference_module_page(module, papers["deco"], {}, {}, projector_results())
+    rows = table_rows(text, "## Timings")
+    assert rows[0][:3] == ["Device", "Tokens out", "Setting"]
+    assert [r[1] for r in rows[2:]] == ["144", "64"]
+    assert "python -m tools bench --suite projector" in text

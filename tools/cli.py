@@ -163,6 +163,12 @@ def cmd_bench(args) -> int:
     from tools.bench_reference import run as run_bench
 
     suites = set(args.suite.split(","))
+    unknown = suites - {"vit", "vlm", "projector", "attach"}
+    if unknown:
+        raise ValueError(
+            f"--suite: unknown suite(s) {', '.join(sorted(unknown))}; "
+            "choose from vit, vlm, projector, attach"
+        )
     device_kind = args.device.split(":")[0]
     if "attach" in suites:
         from tools.bench_attach import run_attach
@@ -196,6 +202,21 @@ def cmd_bench(args) -> int:
                 f"{row['base_decode_tok_s']:.1f} -> {row['decode_tok_s']:.1f} tok/s"
             )
         print(f"{vlm_out}: written")
+    if "projector" in suites:
+        from tools.bench_projector import run_projector
+
+        proj = run_projector(args.device, args.methods, args.repeat, args.warmup)
+        proj_out = paths.DOCS / "benchmarks" / f"projector-{device_kind}.json"
+        write_atomic(proj_out, json.dumps(proj, indent=2) + "\n")
+        for row in proj["results"]:
+            print(
+                f"{row['method']:16} {row['tokens_in']} -> {row['tokens_out']:>3} tokens  "
+                f"{row['params_m']:8.2f} M params  {row['base_ms']:7.2f} -> {row['ms']:7.2f} ms  "
+                f"prefill x{row.get('prefill_speedup', float('nan')):.2f}"
+            )
+        for method, why in proj["skipped"].items():
+            print(f"{method:16} skipped: {why}")
+        print(f"{proj_out}: written")
     if "vit" not in suites:
         return 0
     output = Path(
@@ -312,9 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="FILE", help="ViT results file")
     p.add_argument(
         "--suite",
-        default="vit,vlm",
-        help="vit (ViT host), vlm (LLaVA host), attach (the cost of reference.attach on "
-        "transformers and timm models), comma-separated (default: %(default)s)",
+        default="vit,vlm,projector",
+        help="vit (ViT host), vlm (LLaVA host), projector (projectors at LLaVA-1.5's "
+        "shape against its MLP), attach (the cost of reference.attach on transformers and "
+        "timm models), comma-separated (default: %(default)s)",
     )
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser(

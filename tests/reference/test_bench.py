@@ -71,3 +71,26 @@ def test_vlm_bench_setting_keeps_the_budget_on_the_llava_host(entry):
         _, cache = host.prefill(images, prefix, suffix, valid, state={"text": text})
     image_tokens = cache["layers"][-1]["valid"].shape[1] - 2 - 5
     assert 4 <= image_tokens <= 5  # TRIM adds one averaged token to its budget
+
+
+def test_projector_bench_compares_each_count_with_the_mlp():
+    from tools.bench_projector import run_projector
+
+    result = run_projector("cpu", "deco", repeat=1, warmup=0, progress=False)
+    json.dumps(result)  # the results file is plain JSON
+    assert result["device"]["type"] == "cpu" and result["compressor"]["tokens_in"] == 576
+    rows = {row["tokens_out"]: row for row in result["results"]}
+    assert set(rows) == {64, 144} and rows[64]["setting"] == {"query_num": 64}
+    for row in rows.values():
+        # DeCo pools before its MLP: fewer FLOPs than the MLP on all 576 tokens.
+        assert row["gflops"] < row["base_gflops"] and row["params_m"] == row["base_params_m"]
+        assert row["prefill_speedup"] == pytest.approx(
+            row["base_prefill_ms"] / row["prefill_ms"], rel=1e-2
+        )
+
+
+def test_bench_refuses_an_unknown_suite(capsys):
+    from tools.cli import main
+
+    assert main(["bench", "--suite", "vit,projectors"]) == 1
+    assert "unknown suite(s) projectors" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """Measured speed on the site: the method comparison page and each paper's speedup.
 
 Everything here is read from the committed results files in ``docs/benchmarks/``
-(``reference-<device>.json``, ``vlm-<device>.json``); no number is typed in.
+(``reference-<device>.json``, ``vlm-<device>.json``, ``projector-<device>.json``);
+no number is typed in.
 Methods are named by their paper's short name; catalog strings reach the page
 through ``mdtext`` (Markdown) or markupsafe (HTML), so they show as text.
 """
@@ -19,6 +20,7 @@ from tools.refs import declared_ids
 from tools.schema import PaperBase
 from tools.site.pages import mdtext, site_environment
 from tools.site.reference_pages import (
+    describe_arguments,
     describe_setting,
     device_label,
     host_label,
@@ -27,7 +29,8 @@ from tools.site.reference_pages import (
 
 EMPTY = "—"
 NBSP = "\u00a0"
-HOSTS = {"vit": "ViT host", "vlm": "LLaVA-style host"}
+HOSTS = {"vit": "ViT host", "vlm": "LLaVA-style host", "projector": "Projectors"}
+RESULTS_STEM = {"vit": "reference", "vlm": "vlm", "projector": "projector"}
 
 
 @dataclass(frozen=True)
@@ -94,8 +97,8 @@ def bench_command(suite: str, data: dict) -> str:
         models = ",".join(dict.fromkeys(r["model"] for r in rows))
         if rows and models != defaults["models"]:
             parts.append(f"--models {models}")
-    batches = ",".join(map(str, sorted({r["batch"] for r in rows})))
-    if rows and batches != defaults["batch"]:
+    batches = ",".join(map(str, sorted({r["batch"] for r in rows if "batch" in r})))
+    if suite != "projector" and rows and batches != defaults["batch"]:  # projectors: batch 1
         parts.append(f"--batch {batches}")
     for option in ("repeat", "warmup"):
         if data.get(option) is not None and data[option] != defaults[option]:
@@ -108,7 +111,7 @@ def provenance(suite: str, data: dict) -> str:
     versions = data["versions"]
     return (
         f"Measured on {data['date'][:10]} by `{bench_command(suite, data)}` "
-        f"(results file `docs/benchmarks/{'reference' if suite == 'vit' else 'vlm'}-"
+        f"(results file `docs/benchmarks/{RESULTS_STEM[suite]}-"
         f"{data['device']['type']}.json`): {device_label(data)}, torch {versions['torch']}, "
         f"Python {versions['python']}, {data['dtype']}, {versions['platform']}."
     )
@@ -255,6 +258,48 @@ def vlm_tables(data: dict, methods: _Methods) -> list[Table]:
     return tables
 
 
+def projector_tables(data: dict, methods: _Methods) -> list[Table]:
+    """One table: a row per projector and output count, the cheapest compressor first."""
+    device = data["device"]["type"]
+    rows = sorted(data["results"], key=lambda r: (r["tokens_out"], r["ms"] / r["base_ms"]))
+    if not rows:
+        return []
+    base = rows[0]
+    columns = (
+        Column("Method"),
+        Column("Tokens out", True),
+        Column("Setting"),
+        Column(f"Parameters, M (MLP {base['base_params_m']:.2f})", True),
+        Column("GFLOPs, MLP → projector"),
+        Column("Compressor ms, MLP → projector"),
+        Column("Prefill speedup, ms", True),
+        Column("Peak MB"),
+    )
+    body = []
+    for r in rows:
+        if "prefill_speedup" in r:
+            prefill = Markup(
+                f"**{speedup(r['prefill_speedup'])}**<br>"
+                + _arrow(r["base_prefill_ms"], r["prefill_ms"], ".0f", sep=NBSP)
+            )
+        else:
+            prefill = Markup("not run: {}").format(mdtext(r.get("prefill_error", "")))
+        body.append(
+            (
+                methods.cell(r["method"]),
+                Markup(str(r["tokens_out"])),
+                mdtext(describe_arguments(r["setting"])),
+                Markup(f"{r['params_m']:.2f}"),
+                Markup(_arrow(r["base_gflops"], r["gflops"], ".2f", sep=NBSP)),
+                Markup(_arrow(r["base_ms"], r["ms"], ".1f", sep=NBSP)),
+                prefill,
+                Markup(EMPTY if r.get("peak_mb") is None else f"{r['peak_mb']:.0f}"),
+            )
+        )
+    heading = "Projectors at the LLaVA-1.5 shape"
+    return [drop_empty_columns(Table(heading, f"projector-{device}-table", columns, tuple(body)))]
+
+
 @dataclass(frozen=True)
 class Section:
     """One host on one device: where the numbers came from, a plot, the tables."""
@@ -269,14 +314,18 @@ class Section:
 
 
 def comparison_page(
-    catalog: Catalog, reference_results: dict[str, dict], vlm_results: dict[str, dict]
+    catalog: Catalog,
+    reference_results: dict[str, dict],
+    vlm_results: dict[str, dict],
+    projector_results: dict[str, dict] | None = None,
 ) -> str:
     """Text of ``comparison.md``: every benchmarked method side by side."""
     methods = _Methods(catalog)
-    sections: dict[str, list[Section]] = {"vit": [], "vlm": []}
+    sections: dict[str, list[Section]] = {"vit": [], "vlm": [], "projector": []}
     for suite, results, plot, build in (
         ("vit", reference_results, "speedup", vit_tables),
         ("vlm", vlm_results, "vlm-prefill", vlm_tables),
+        ("projector", projector_results or {}, "", projector_tables),
     ):
         for device in devices(results):
             data = results[device]
@@ -300,7 +349,10 @@ def _line(text: str, *args) -> Markup:
 
 
 def paper_speed(
-    paper: PaperBase, reference_results: dict[str, dict], vlm_results: dict[str, dict]
+    paper: PaperBase,
+    reference_results: dict[str, dict],
+    vlm_results: dict[str, dict],
+    projector_results: dict[str, dict] | None = None,
 ) -> str:
     """An HTML fragment for the paper page: the measured speedup and budget, or ``""``.
 
@@ -355,6 +407,33 @@ def paper_speed(
                 first["visual_tokens"],
                 _arrow(first["base_prefill_ms"], first["prefill_ms"], ".0f"),
                 budgets,
+                data["device"]["type"].upper(),
+                data["versions"]["torch"],
+                data["date"][:10],
+            )
+        )
+    for device in devices(projector_results or {}):
+        data = projector_results[device]
+        rows = [r for r in data["results"] if r["method"] == paper.id]
+        if not rows:
+            continue
+        anchors.append(f"projector-{device}")
+        counts = Markup(", ").join(
+            _line(
+                "{} tokens: {} M parameters, {} ms against the MLP's {} ms",
+                r["tokens_out"],
+                f"{r['params_m']:.2f}",
+                f"{r['ms']:.1f}",
+                f"{r['base_ms']:.1f}",
+            )
+            for r in sorted(rows, key=lambda r: r["tokens_out"])
+        )
+        items.append(
+            _line(
+                "In place of LLaVA-1.5's MLP projector, from {} patch features: {}; {}, torch "
+                "{}, {}.",
+                rows[0]["tokens_in"],
+                counts,
                 data["device"]["type"].upper(),
                 data["versions"]["torch"],
                 data["date"][:10],

@@ -40,12 +40,13 @@ def main() -> None:
 
     results = reference_pages.load_results(paths.CATALOG_BENCH.parent)
     vlm_results = reference_pages.load_results(paths.CATALOG_BENCH.parent, "vlm")
+    projector_results = reference_pages.load_results(paths.CATALOG_BENCH.parent, "projector")
     write("index.md", pages.home_page(catalog, options))
     write("papers/index.md", index_page.index_page(catalog))
     boosts = pages.search_boosts(catalog)
     for entry in catalog.entries:
         paper = entry.paper
-        speed = benchmarks.paper_speed(paper, results, vlm_results)
+        speed = benchmarks.paper_speed(paper, results, vlm_results, projector_results)
         page = pages.paper_page(catalog, paper, options, speed=speed, search_boost=boosts[paper.id])
         write(f"papers/{paper.id}.md", page)
         # The entry itself ships with the site: "Edit this page" falls back to it.
@@ -57,7 +58,10 @@ def main() -> None:
     write("feed.xml", render_feed(catalog, config["site_url"]))
     for path, text in pages.downloads(catalog).items():
         write(path, text)
-    write("comparison.md", benchmarks.comparison_page(catalog, results, vlm_results))
+    write(
+        "comparison.md",
+        benchmarks.comparison_page(catalog, results, vlm_results, projector_results),
+    )
     write("performance.md", pages.performance_page(paths.CATALOG_BENCH, results, vlm_results))
     plots = [(f"speedup-{d}", r, reference_pages.speedup_plot) for d, r in results.items()]
     plots += [(f"vlm-prefill-{d}", r, reference_pages.vlm_plot) for d, r in vlm_results.items()]
@@ -72,7 +76,7 @@ def main() -> None:
     for module in modules:
         if module.catalog_id in papers:
             page = pages.reference_module_page(
-                module, papers[module.catalog_id], results, vlm_results
+                module, papers[module.catalog_id], results, vlm_results, projector_results
             )
             write(f"reference/{module.name}.md", page)
 

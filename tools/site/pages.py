@@ -23,7 +23,7 @@ from tools.export_json import render_json
 from tools.loader import Catalog
 from tools.markdown import md_escape
 from tools.schema import PaperBase
-from tools.site.reference_pages import describe_setting
+from tools.site.reference_pages import describe_arguments, describe_setting
 from tools.taxonomy import Taxonomy
 
 FACETS = ("modality", "target", "stage", "mechanism", "training")
@@ -76,6 +76,7 @@ def site_environment() -> jinja2.Environment:
     )
     env.filters["mdtext"] = mdtext
     env.filters["setting"] = describe_setting
+    env.filters["arguments"] = describe_arguments
     env.filters["yaml_str"] = lambda value: Markup(json.dumps(str(value), ensure_ascii=False))
     return env
 
@@ -259,7 +260,11 @@ def _rows_for(results: dict[str, dict], catalog_id: str) -> list[tuple[str, dict
 
 
 def reference_module_page(
-    module, paper: PaperBase, results: dict[str, dict], vlm_results: dict[str, dict]
+    module,
+    paper: PaperBase,
+    results: dict[str, dict],
+    vlm_results: dict[str, dict],
+    projector_results: dict[str, dict] | None = None,
 ) -> str:
     # The docstring and source are the project's own code, rendered as Markdown and code.
     module = module.__class__(
@@ -275,7 +280,8 @@ def reference_module_page(
         paper=paper,
         rows=_rows_for(results, module.catalog_id),
         vlm_rows=_rows_for(vlm_results, module.catalog_id),
-        gpu="cuda" in results or "cuda" in vlm_results,
+        projector_rows=_rows_for(projector_results or {}, module.catalog_id),
+        gpu="cuda" in results or "cuda" in vlm_results or "cuda" in (projector_results or {}),
     )
 
 

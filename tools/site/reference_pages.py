@@ -106,6 +106,12 @@ def _span(layers: list[int]) -> str:
     return f"block{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}"
 
 
+def describe_arguments(arguments: dict) -> str:
+    """Constructor arguments in words: ``query_num=144, downsample_ratio=0.333``."""
+    shown = (f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in arguments.items())
+    return ", ".join(shown) or "the paper's"
+
+
 def describe_setting(setting: dict[str, dict]) -> str:
     """A benchmark setting in words (blocks counted from 0).
 
