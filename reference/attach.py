@@ -7,10 +7,11 @@
 
 Models: the reference ViT host (``reference.hosts.vit``), a timm ``VisionTransformer``
 (``reference.adapters.timm``), the reference LLaVA host (``reference.hosts.llava``),
-transformers' LLaVA (``reference.adapters.hf_llava``: vision-stage methods and
-projectors; ``hf_llava_llm``: language-model methods in its Llama decoder) and
-Qwen2-VL / Qwen2.5-VL (``reference.adapters.hf_qwen2_5_vl``: vision-stage methods that
-need only the tokens).
+transformers' LLaVA-1.5 (``reference.adapters.hf_llava``: vision-stage methods and
+projectors), LLaVA-NeXT (``hf_llava_next``: the same, per AnyRes crop) and Qwen2-VL /
+Qwen2.5-VL (``hf_qwen2_5_vl``: vision-stage methods that need only the tokens); on all
+three, language-model methods run inside the decoder (``hf_llava_llm``: Llama, Mistral
+and Qwen2 with its 3-D mRoPE).
 Placement: ``layers=[...]`` names the blocks (decoder layers for a language-model
 method); without it the method's paper setting decides (``paper_setting`` of a
 ViT method, ``paper_placement`` of a language-model method), and a method without
@@ -29,7 +30,7 @@ from torch import nn
 from reference import registry
 from reference.adapters import Handle, check_layers
 from reference.core import TokenReducer
-from reference.hosts.llava import LlavaHost, LLMReducer
+from reference.hosts.llava import LlavaHost, LLMReducer, SequenceMethod
 from reference.hosts.vit import VisionTransformer, split_hooks
 from reference.projector import Projector
 
@@ -79,8 +80,8 @@ def attach(
     raise ValueError(
         f"attach: {type(model).__name__} is not supported; supported: reference.hosts.vit."
         "VisionTransformer, timm VisionTransformer, reference.hosts.llava.LlavaHost, "
-        "transformers LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration "
-        "and Qwen2_5_VLForConditionalGeneration"
+        "transformers LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, "
+        "Qwen2VLForConditionalGeneration and Qwen2_5_VLForConditionalGeneration"
     )
 
 
@@ -168,8 +169,14 @@ def _attach_own_vit(model: VisionTransformer, reducers: dict, proportional: bool
 
 
 def _attach_llava(host: LlavaHost, method, layers, kwargs) -> Handle:
-    before = (host.vision_reducer, dict(host.llm_by_layer), host.renumber, host.projector)
-    if before[0] is not None or before[1] or before[3] is not None:
+    before = (
+        host.vision_reducer,
+        dict(host.llm_by_layer),
+        host.renumber,
+        host.projector,
+        host.sequence,
+    )
+    if before[0] is not None or before[1] or before[3] is not None or before[4] is not None:
         raise ValueError("attach: this host already has methods attached; detach them first")
     cfg = host.cfg
     if isinstance(method, nn.Module):
@@ -191,6 +198,12 @@ def _attach_llava(host: LlavaHost, method, layers, kwargs) -> Handle:
                 raise ValueError(f"attach: {method!r} has no paper placement; pass layers=[...]")
         host.apply(llm=llm)
         reducers: dict = dict(llm)
+    elif issubclass(cls, SequenceMethod):  # its own layers: from its constructor arguments
+        if layers is not None:
+            raise ValueError(f"attach: {cls.catalog_id!r} sets its own layers; pass its arguments")
+        sequence = instance if instance is not None else cls.for_host(cfg, **kwargs)
+        host.apply(sequence=sequence)
+        reducers = {"sequence": sequence}
     elif layers is not None:
         raise ValueError(f"attach: {cls.catalog_id!r} acts at the vision hook; layers do not apply")
     elif issubclass(cls, Projector):
@@ -209,8 +222,10 @@ def _attach_llava(host: LlavaHost, method, layers, kwargs) -> Handle:
         reducer.to(device=param.device, dtype=param.dtype).train(host.training)
 
     def undo() -> None:
-        vision, llm, renumber, projector = before
-        host.apply(vision=vision, llm=llm, renumber=renumber, projector=projector)
+        vision, llm, renumber, projector, sequence = before
+        host.apply(
+            vision=vision, llm=llm, renumber=renumber, projector=projector, sequence=sequence
+        )
 
     return Handle(host, reducers, undo)
 

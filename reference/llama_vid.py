@@ -36,11 +36,12 @@ Deviations from the official code:
   at once, padded text masked by ``text_mask`` (as the tokenizer's mask would within a sample).
   One prompt per sample (the official can expand one image over several prompts).
 - No text (``state`` without ``"text"``): the queries run alone; the official always has one.
-- The CLS of a single image may instead come from ``signals.layers[-1]`` (``[B, 1 + N, C]``,
-  as the LLaVA host gives it). ``"grid:k"`` pools the host's ``(h, w)`` grid with strides
-  ``h // k`` and ``w // k`` (the official assumes a square grid, ``int(sqrt(N))``); ``k`` must
-  be > 1 (the official asserts it). The long-video path (precomputed features, chunks of 64) is
-  the same arithmetic and is not separate here; fp16 casting for evaluation is left to the user.
+- The CLS of each frame may instead come from ``signals.layers[-1]`` (``[B, T * (1 + N), C]``,
+  every frame's CLS then its patches, as the LLaVA host gives it). ``"grid:k"`` pools the
+  host's ``(h, w)`` grid with strides ``h // k`` and ``w // k`` (the official assumes a square
+  grid, ``int(sqrt(N))``); ``k`` must be > 1 (the official asserts it). The long-video path
+  (precomputed features, chunks of 64) is the same arithmetic and is not separate here; fp16
+  casting for evaluation is left to the user.
 - Only ``bert_type="qformer_pretrain"`` (the released models): ``vlm_att_ln``, an encoder
   width ``att_feat_size`` of 1408 and ``vlm_att_bert_proj`` where ``in_dim`` differs from it.
   ``vocab_size=0`` builds no word table (text must then come embedded).
@@ -290,8 +291,9 @@ class LlamaVid(Projector):
         else:
             image, patches = x, x
             last = signals.layers[-1] if signals.layers else None
-            if frames == 1 and last is not None and last.shape[1] == per + 1:
-                image = torch.cat([last[:, :1], x], dim=1)  # [B, 1 + N, C], as the ViT emits
+            if last is not None and last.shape[1] == frames * (per + 1):
+                cls = last.reshape(b * frames, per + 1, c)[:, :1]  # each frame's own CLS
+                image = torch.cat([cls, x], dim=1)  # [B * T, 1 + N, C], as the ViT emits
         text, mask = signals.state.get("text"), signals.state.get("text_mask")
         if text is not None and frames > 1:
             text = text.repeat_interleave(frames, dim=0)

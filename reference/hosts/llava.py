@@ -16,7 +16,13 @@ Hooks:
 - ``projector``: a ``reference.projector.Projector`` (resampler, abstractor,
   pooling projector) in place of the MLP projector: it maps the selected layer's
   patch features (after the vision reducer, if any) to its own number of image
-  tokens, with every vision block's output at hand (``ProjectorSignals``).
+  tokens, with every vision block's output at hand (``ProjectorSignals``). A projector
+  whose samples emit different counts pads them and marks the real tokens in
+  ``state["projector_valid"] [B, M]`` (the rest are padding to the language model). One
+  whose ``fuses_text`` is True (LLaVA-Mini) gets the prompt's embeddings in
+  ``state["text_embeds"]`` (``[prefix; instruction]``, with ``state["text_mask"]``; the
+  caller's own, if given) and puts ``state["fused_text"]`` of the same shape, which the
+  language model then sees in place of the prompt's embeddings (decoded tokens stay plain).
 - ``llm[layer]``: an ``LLMReducer`` applied to the hidden states after decoder
   layer ``layer`` during prefill, with the attention of each sample's last
   instruction token to every key of that layer (FastV), and, for a reducer that
@@ -24,6 +30,27 @@ Hooks:
   states (its input norm, q/k projections and RoPE at the current positions;
   PyramidDrop). Only rows that are needed are computed: attention itself runs
   through ``scaled_dot_product_attention``.
+- ``sequence``: a ``SequenceMethod`` that changes the prefill itself, with up to three
+  hooks (see its docstring): learned tokens placed right after the image tokens (VoCo-LLaMA's
+  VoCo tokens, registers), an attention rule for every layer on top of the causal and padding
+  mask, after which the keys the prompt's last token may not attend leave every layer's cache
+  (decoded tokens attend what that token attends), and routed layers that only some tokens go
+  through, the others skipping them, each layer caching the tokens it ran (p-MoD). LLM
+  reducers see the learned tokens as text (never dropped); none may act at a routed layer.
+
+Video: ``prefill`` also takes ``images [B, T, 3, H, W]``. Each frame runs through the
+vision tower as its own sample (the batch ``B * T``, a sample's frames together), and the
+image run becomes one contiguous run of ``T * Nv`` tokens, frame after frame (LLaVA's
+``mlp2x_gelu`` maps every frame's patches). The host sets ``state["frames"] = T`` (also for
+``T = 1``; an image leaves the key unset), and a projector receives the LLaMA-VID convention
+(``reference.llama_vid``): features ``[B, T * N, C_v]`` frame after frame,
+``ProjectorSignals.grid`` the grid of ONE frame, and ``layers`` each ``[B, T * (1 + N), C_v]``
+(every frame's CLS and patches in turn, ``'(b t) n c -> b (t n) c'``). A vision reducer runs
+per frame: it sees ``B * T`` samples of one frame each, with a copy of ``state`` whose
+``"text"`` / ``"text_mask"`` are repeated for every frame (new keys it writes are copied
+back); a sample's frames may keep different counts (their empty slots are padding, as for
+images). The frame-major video reducers (DyCoke, FastVID, ``frame_tokens = P``) expect the
+whole video as one sequence, which this hook does not give: use them on projected tokens.
 
 Dropped tokens keep nothing. By default kept tokens keep their original position
 ids, and decoding continues at ``max(position) + 1``. A reducer whose ``renumber``
@@ -147,6 +174,72 @@ class LLMReducer(nn.Module):
         return {}
 
 
+@dataclass
+class Layout:
+    """Where a prefill's tokens are, for a ``SequenceMethod``'s hooks.
+
+    Attributes:
+        image_start: index of the first image token (the same for every sample).
+        image_len: number of image tokens now in the sequence.
+        inserted: number of the method's learned tokens, right after the image tokens.
+        valid: ``[B, N]`` False for padding.
+        positions: ``[B, N]`` RoPE positions.
+        layer: the decoder layer about to run (``route`` only).
+        state: the prefill's scratch space.
+    """
+
+    image_start: int
+    image_len: int
+    inserted: int
+    valid: Tensor
+    positions: Tensor
+    layer: int = 0
+    state: dict = field(default_factory=dict)
+
+
+class SequenceMethod(nn.Module):
+    """Base of methods that change the language model's prefill itself
+    (``LlavaHost.apply(sequence=...)``); each hook is optional (the base does nothing):
+
+    - ``tokens(batch) -> [B, M, hidden]``: learned tokens placed right after the image
+      tokens (``[prefix][image][M tokens][instruction]``), valid, numbered on like text.
+    - ``attention(layout) -> [B, N, N]`` bool: which keys each query may attend in every
+      decoder layer of the prefill, on top of the causal and padding mask; each token must
+      be allowed itself. Decoded tokens attend what the prompt's last token attends (and each
+      other); keys that the last token may not attend leave every layer's cache after the
+      prefill (where a sample's count differs they stay, masked).
+    - ``route(layout, h) -> [B, K]`` (None: the whole layer): the sorted indices of the tokens
+      that go through decoder layer ``layout.layer`` (every text and padding token among
+      them); the others skip it. ``merge(layout, h, index, mid, mlp) -> [B, N, C]`` then
+      makes the layer's output from its input ``h``, the gone-through tokens' residual after
+      the attention ``mid [B, K, C]`` and MLP output ``mlp [B, K, C]``. That layer's cache
+      holds the keys and values of the ``K`` tokens only.
+
+    ``for_host(cfg, **kwargs)`` builds the method for a host configuration.
+    """
+
+    catalog_id: str = ""
+    kind: str = ""
+    basis: str = "official code"
+    test_configs: ClassVar[dict[str, dict]] = {"some": {}}
+
+    @classmethod
+    def for_host(cls, cfg: LlavaConfig, **kwargs) -> SequenceMethod:
+        return cls(hidden=cfg.hidden, **kwargs)
+
+    def tokens(self, batch: int) -> Tensor | None:
+        return None
+
+    def attention(self, layout: Layout) -> Tensor | None:
+        return None
+
+    def route(self, layout: Layout, h: Tensor) -> Tensor | None:
+        return None
+
+    def merge(self, layout: Layout, h: Tensor, index: Tensor, mid: Tensor, mlp: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
 def bench_setting(cls: type, keep: int, n_image: int, cfg: LlavaConfig) -> dict | None:
     """Where and how to attach ``cls`` to keep ``keep`` of ``n_image`` visual tokens.
 
@@ -226,8 +319,11 @@ class DecoderLayer(nn.Module):
         cache: dict | None,
         needs: frozenset[str],
         last: Tensor | None,
-    ) -> tuple[Tensor, dict]:
-        """``mask [B, 1, Nq, Nk]`` is True where a query may attend a key."""
+        split: bool = False,
+    ) -> tuple[Tensor | tuple[Tensor, Tensor], dict]:
+        """``mask [B, 1, Nq, Nk]`` is True where a query may attend a key. ``split``: return
+        ``(h + attention, mlp)``, the residual stream after the attention and the MLP's output,
+        instead of their sum (a routed layer mixes them)."""
         cfg = self.cfg
         x = self.input_layernorm(h)
         q = rope(self._split(self.q_proj(x), cfg.heads), positions, cfg.rope_theta)
@@ -252,7 +348,44 @@ class DecoderLayer(nn.Module):
         b, _, n, _ = out.shape
         h = h + self.o_proj(out.transpose(1, 2).reshape(b, n, cfg.heads * self.head_dim))
         x = self.post_attention_layernorm(h)
-        return h + self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), signals
+        mlp = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return ((h, mlp) if split else h + mlp), signals
+
+
+def _per_frame(state: dict, frames: int) -> dict:
+    """The state a vision reducer sees on a video's frames (``B * T`` samples): a copy whose
+    per-sample text (``"text"``, ``"text_mask"``) is repeated for every frame."""
+    out = dict(state)
+    for key in ("text", "text_mask"):
+        if isinstance(out.get(key), Tensor):
+            out[key] = out[key].repeat_interleave(frames, dim=0)
+    return out
+
+
+def _square(allowed: Tensor, index: Tensor) -> Tensor:
+    """The rows and columns ``index [B, K]`` of ``allowed [B, N, N]``: ``[B, K, K]``."""
+    rows = allowed.gather(1, index[..., None].expand(-1, -1, allowed.shape[2]))
+    return rows.gather(2, index[:, None].expand(-1, index.shape[1], -1))
+
+
+def _forget(layer_cache: dict, attendable: Tensor) -> None:
+    """Drop from one layer's cache the valid keys no later token may attend
+    (``attendable [B, Nk]``); where samples would keep different counts, mask them instead."""
+    valid = layer_cache["valid"]
+    keep = attendable | ~valid  # padding stays padding
+    count = keep.sum(1)
+    if keep.all() or not bool((count == count[:1]).all()):
+        layer_cache["valid"] = valid & attendable
+        return
+    index = (~keep).long().argsort(dim=1, stable=True)[:, : int(count[0])]  # kept keys, in order
+    layer_cache["valid"] = valid.gather(1, index)
+    slots = index[:, None, :, None].expand(
+        -1, layer_cache["k"].shape[1], -1, layer_cache["k"].shape[3]
+    )
+    layer_cache["k"], layer_cache["v"] = (
+        layer_cache["k"].gather(2, slots),
+        layer_cache["v"].gather(2, slots),
+    )
 
 
 class LlavaHost(nn.Module):
@@ -275,6 +408,7 @@ class LlavaHost(nn.Module):
         self.llm_reducers = nn.ModuleDict()
         self.llm_by_layer: dict[int, LLMReducer] = {}
         self.renumber: bool | None = None
+        self.sequence: SequenceMethod | None = None
         self.last_trace: list[Reduction] = []
         self.last_state: dict = {}
 
@@ -285,12 +419,15 @@ class LlavaHost(nn.Module):
         llm: dict[int, LLMReducer] | None = None,
         renumber: bool | None = None,
         projector: Projector | None = None,
+        sequence: SequenceMethod | None = None,
     ) -> LlavaHost:
         """Attach the reducers. ``renumber``: renumber positions ``0..n-1`` after every
         LLM-stage drop (True), never (False), or as each reducer's ``renumber`` says (None).
-        ``projector``: a projector method in place of the MLP projector (None: the MLP)."""
+        ``projector``: a projector method in place of the MLP projector (None: the MLP).
+        ``sequence``: a ``SequenceMethod`` (learned tokens, attention mask, routed layers)."""
         self.vision_reducer = vision
         self.projector = projector
+        self.sequence = sequence
         self.llm_by_layer = dict(llm or {})
         self.renumber = renumber
         # Registered as submodules too, so .to() and .parameters() reach them.
@@ -299,7 +436,18 @@ class LlavaHost(nn.Module):
 
     # -- vision ---------------------------------------------------------------
     def encode_images(self, images: Tensor, state: dict) -> tuple[Tensor, Reduction | None]:
-        """Projected image tokens ``[B, Nv', hidden]`` (CLS dropped, as LLaVA does)."""
+        """Projected image tokens ``[B, Nv', hidden]`` (CLS dropped, as LLaVA does).
+
+        ``images [B, 3, H, W]``, or a video ``[B, T, 3, H, W]``: then every frame runs
+        through the tower as its own sample (``B * T``, frames of a sample together) and
+        the tokens come out frame after frame, ``[B, T * Nv', hidden]``; ``state["frames"]
+        = T`` (see the module docstring).
+        """
+        frames = None
+        if images.dim() == 5:
+            b, frames = images.shape[:2]
+            images = images.flatten(0, 1)  # 'b t c h w -> (b t) c h w'
+            state["frames"] = frames
         vt = self.vision_tower
         x = vt.patch_embed(images)
         x = torch.cat([vt.cls_token.expand(x.shape[0], -1, -1), x], 1) + vt.pos_embed
@@ -325,41 +473,59 @@ class LlavaHost(nn.Module):
                 signals["next_q"], signals["next_k"] = qkv[..., :c], qkv[..., c : 2 * c]
             if reducer is not None:
                 projector = self.mm_projector if self.projector is None else None
+                frame_state = state if frames is None else _per_frame(state, frames)
                 reduction = reducer(
                     x,
                     Signals(
                         prefix=1,
                         size=ctx.size,
                         layer=i,
-                        state=state,
+                        state=frame_state,
                         projector=projector,
                         **signals,
                     ),
                 )
+                if frame_state is not state:  # what the reducer wrote, back to the video's
+                    state.update({k: v for k, v in frame_state.items() if k not in state})
                 x = reduction.x
+        patches = x[:, 1:]
+        if frames is not None:
+            c = x.shape[-1]
+            patches = patches.reshape(b, -1, c)  # '(b t) n c -> b (t n) c'
+            layers = [y.reshape(b, -1, c) for y in layers]  # [B, T * (1 + N), C_v]
         if self.projector is not None:
             side = vt.patch_embed.num_patches**0.5
             grid = (int(side), int(side))
             signals = ProjectorSignals(layers=tuple(layers), grid=grid, state=state)
-            return self.projector(x[:, 1:], signals), reduction
-        return self.mm_projector(x[:, 1:]), reduction
+            return self.projector(patches, signals), reduction
+        return self.mm_projector(patches), reduction
 
-    def _image_valid(self, vis: Tensor, reduction: Reduction | None) -> Tensor:
-        """``[B, Nv']`` False for the empty slots a vision reducer padded a sample with."""
+    def _image_valid(self, vis: Tensor, reduction: Reduction | None, state: dict) -> Tensor:
+        """``[B, Nv']`` False for the empty slots a vision reducer padded a sample with, or
+        those a projector marks in ``state["projector_valid"]`` (samples of different counts,
+        LongVU)."""
         reducer = self.vision_reducer
-        if self.projector is not None:  # the projector's tokens are all present
+        if self.projector is not None:  # the projector's tokens, all present unless it says
+            marked = state.get("projector_valid")
+            if marked is not None and marked.shape == vis.shape[:2]:
+                return marked.to(device=vis.device, dtype=torch.bool)
             reduction = None
         if reduction is None or reduction.mask is None or not reducer.masks_attention:
             return torch.ones(vis.shape[:2], dtype=torch.bool, device=vis.device)
-        return reduction.mask[:, 1:] > 0
+        return (reduction.mask[:, 1:] > 0).reshape(vis.shape[:2])  # a video's frames in a row
 
     # -- language model -------------------------------------------------------
-    def _mask(self, valid_q: Tensor, valid_k: Tensor, causal_offset: int) -> Tensor:
-        """``[B, 1, Nq, Nk]``: causal by sequence index, padding keys masked."""
+    def _mask(
+        self, valid_q: Tensor, valid_k: Tensor, causal_offset: int, allowed: Tensor | None = None
+    ) -> Tensor:
+        """``[B, 1, Nq, Nk]``: causal by sequence index, padding keys masked, and only where
+        ``allowed [B, Nq, Nk]`` (a ``SequenceMethod``'s rule; None: everywhere)."""
         nq, nk = valid_q.shape[1], valid_k.shape[1]
         qi = torch.arange(nq, device=valid_q.device)[:, None] + causal_offset
         causal = torch.arange(nk, device=valid_q.device)[None, :] <= qi  # [Nq, Nk]
         mask = causal[None, None] & valid_k[:, None, None, :]
+        if allowed is not None:
+            mask = mask & allowed[:, None]
         # A padding query attends to itself only, so no row is empty (its output is unused).
         eye = torch.zeros_like(mask)
         if nq == nk:
@@ -378,6 +544,7 @@ class LlavaHost(nn.Module):
     ) -> tuple[Tensor, dict]:
         """Run the prompt; return each sample's next-token logits ``[B, vocab]`` and the cache.
 
+        ``images [B, 3, H, W]``, or a video ``[B, T, 3, H, W]`` (see the module docstring).
         ``extra_ids [B, E]``: tokens appended after the (padded) instruction, as if
         decoded. ``replay``: the ``index`` of every LLM reduction of an earlier
         prefill (``last_trace``), applied at the same hooks instead of running the
@@ -387,14 +554,29 @@ class LlavaHost(nn.Module):
         """
         state = {} if state is None else dict(state)
         self.last_state = state
+        prompt = [self.embed_tokens(prefix_ids), self.embed_tokens(suffix_ids)]
+        fuses = getattr(self.projector, "fuses_text", False)
+        if fuses:  # a projector that fuses the prompt with the image (LLaVA-Mini)
+            state.setdefault("text_embeds", torch.cat(prompt, 1))
+            prompt_valid = [torch.ones_like(prefix_ids, dtype=torch.bool), suffix_valid.bool()]
+            state.setdefault("text_mask", torch.cat(prompt_valid, 1))
         vis, reduction = self.encode_images(images, state)
         b, device = vis.shape[0], vis.device
-        parts = [self.embed_tokens(prefix_ids), vis, self.embed_tokens(suffix_ids)]
+        fused = state.get("fused_text") if fuses else None
+        if fused is not None and fused.shape[1] == prefix_ids.shape[1] + suffix_ids.shape[1]:
+            prompt = list(fused.split([prefix_ids.shape[1], suffix_ids.shape[1]], 1))
+        seq = self.sequence
+        learned = seq.tokens(b) if seq is not None else None  # [B, M, hidden]
+        parts = [prompt[0], vis, prompt[1]]
         valid_parts = [
             torch.ones(b, prefix_ids.shape[1], dtype=torch.bool, device=device),
-            self._image_valid(vis, reduction),
+            self._image_valid(vis, reduction, state),
             suffix_valid.bool(),
         ]
+        inserted = 0 if learned is None else learned.shape[1]
+        if learned is not None:
+            parts.insert(2, learned.to(vis.dtype))
+            valid_parts.insert(2, torch.ones(b, inserted, dtype=torch.bool, device=device))
         if extra_ids is not None:
             parts.append(self.embed_tokens(extra_ids))
             valid_parts.append(torch.ones_like(extra_ids, dtype=torch.bool))
@@ -402,6 +584,8 @@ class LlavaHost(nn.Module):
         extra = 0 if extra_ids is None else extra_ids.shape[1]
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # [B, N]; pads are never queried
         image_start, image_len = prefix_ids.shape[1], vis.shape[1]
+        layout = Layout(image_start, image_len, inserted, valid, positions, state=state)
+        allowed = seq.attention(layout) if seq is not None else None  # [B, N, N] or None
         pending = None if replay is None else list(replay)
         self.last_trace = []
         caches: list[dict] = []
@@ -411,15 +595,36 @@ class LlavaHost(nn.Module):
             last = valid.long().cumsum(1).argmax(1)  # each sample's last valid token
             # This layer decodes at its own next position: ``pos_shift`` below the prompt's.
             next_pos = positions.gather(1, last[:, None])[:, 0] + 1
-            caches.append({"valid": valid, "next_pos": next_pos})
-            h, signals = layer(h, positions, self._mask(valid, valid, 0), caches[i], needs, last)
+            layout = Layout(image_start, image_len, inserted, valid, positions, i, state)
+            route = seq.route(layout, h) if seq is not None else None  # [B, K] or None
+            if route is not None and reducer is not None:
+                raise ValueError(f"layer {i} is routed; an LLMReducer cannot act after it")
+            keys = torch.arange(h.shape[1], device=device).expand(b, -1) if route is None else route
+            caches.append({"valid": valid.gather(1, keys), "next_pos": next_pos})
+            if allowed is not None:  # the keys this layer caches that the last token may attend
+                row = allowed.gather(1, last[:, None, None].expand(-1, 1, allowed.shape[2]))
+                caches[i]["attendable"] = row[:, 0].gather(1, keys)
+            if route is not None:
+                sub_allowed = None if allowed is None else _square(allowed, route)
+                sub_valid = caches[i]["valid"]
+                (mid, mlp), _ = layer(
+                    gather_tokens(h, route),
+                    positions.gather(1, route),
+                    self._mask(sub_valid, sub_valid, 0, sub_allowed),
+                    caches[i],
+                    frozenset(),
+                    None,
+                    split=True,
+                )
+                h = seq.merge(layout, h, route, mid, mlp)
+                continue
+            mask = self._mask(valid, valid, 0, allowed)
+            h, signals = layer(h, positions, mask, caches[i], needs, last)
             if reducer is None:
                 continue
             if "next_attn" in needs:
                 signals["next_attn"] = (
-                    self.layers[i + 1].last_row_attention(
-                        h, positions, self._mask(valid, valid, 0), last
-                    )
+                    self.layers[i + 1].last_row_attention(h, positions, mask, last)
                     if i + 1 < len(self.layers)
                     else None
                 )
@@ -447,6 +652,8 @@ class LlavaHost(nn.Module):
                 self.last_trace.append(index)
             image_len -= n - index.shape[1]  # only image tokens are ever removed
             valid, positions = valid.gather(1, index), positions.gather(1, index)
+            if allowed is not None:
+                allowed = _square(allowed, index)
             if reducer.renumber if self.renumber is None else self.renumber:
                 positions = (valid.long().cumsum(1) - 1).clamp(min=0)
         last = valid.long().cumsum(1).argmax(1)
@@ -454,6 +661,8 @@ class LlavaHost(nn.Module):
         next_pos = caches[0]["next_pos"] if caches else positions.gather(1, last[:, None])[:, 0] + 1
         for layer_cache in caches:
             layer_cache["pos_shift"] = next_pos - layer_cache.pop("next_pos")
+            if "attendable" in layer_cache:
+                _forget(layer_cache, layer_cache.pop("attendable"))
         cache = {"layers": caches, "next_pos": next_pos}
         return self.lm_head(self.norm(out))[:, 0], cache
 
