@@ -28,7 +28,9 @@ Refused, with the reason: signals that do not exist at the merged tokens
 (``cls_attn``: no CLS token; ``keys``, ``attn``, ``attn_logits``, ``values``: no
 attention layer sees the merged tokens, the vision blocks attend over the
 un-merged patches; ``next_q``/``next_k``: no vision block follows the merger),
-videos, ``labels``, projector and language-model methods.
+videos, ``labels`` and projector methods. Language-model methods (``LLMReducer``:
+FastV, PyramidDrop, ...) go to the decoder patch shared with LLaVA,
+``reference.adapters.hf_llava_llm``, which follows the 3-D mRoPE positions.
 """
 
 from __future__ import annotations
@@ -286,7 +288,7 @@ class Patch:
 
 def attach(model: nn.Module, reducer: TokenReducer) -> Patch:
     reason = refusal(reducer)
-    if "generate" in model.__dict__:
+    if "generate" in model.__dict__ or "forward" in model.model.__dict__:
         reason = "it already has methods attached; detach them first"
     if reason is not None:
         raise ValueError(f"attach: this transformers Qwen-VL cannot be patched: {reason}")
@@ -298,20 +300,30 @@ def attach(model: nn.Module, reducer: TokenReducer) -> Patch:
 def attach_method(model: nn.Module, method, layers, proportional_attn, kwargs: dict):
     """``reference.attach`` for a transformers Qwen2.5-VL or Qwen2-VL: returns the ``Handle``."""
     from reference import registry
-    from reference.adapters import Handle
+    from reference.adapters import Handle, hf_llava_llm, refuse_sequence_method
+    from reference.hosts.llava import LLMReducer
 
-    if proportional_attn or layers is not None or isinstance(method, dict):
-        raise ValueError("attach: on a transformers Qwen-VL, methods act at the vision hook only")
+    if proportional_attn:
+        raise ValueError("attach: proportional_attn applies to ViT models only")
+    if isinstance(method, dict):  # LLM-stage instances by decoder layer
+        return hf_llava_llm.attach_method(model, method, None, layers, kwargs)
     if isinstance(method, nn.Module):
         if kwargs:
             raise ValueError("attach: keyword arguments go with a catalog id, not an instance")
         instance, cls = method, type(method)
     else:
         cls, instance = registry.get(method), None
+    refuse_sequence_method(cls, type(model).__name__)
+    if issubclass(cls, LLMReducer):  # inside the decoder: reference.adapters.hf_llava_llm
+        return hf_llava_llm.attach_method(model, cls, instance, layers, kwargs)
+    if layers is not None:
+        raise ValueError(
+            "attach: on a transformers Qwen-VL, vision-stage methods act at the vision hook only"
+        )
     if not issubclass(cls, TokenReducer):
         raise ValueError(
-            f"attach: {cls.__name__} acts in the language model or the projector; on a "
-            "transformers Qwen-VL only vision-stage token reducers are supported"
+            f"attach: {cls.__name__} acts in the projector; on a transformers Qwen-VL "
+            "only vision-stage token reducers and language-model methods are supported"
         )
     reducer = instance if instance is not None else cls(**kwargs)
     patch = attach(model, reducer)

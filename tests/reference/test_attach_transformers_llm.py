@@ -335,6 +335,9 @@ def test_what_cannot_run_is_refused_with_the_reason():
         reference.attach(model, "fastv")
     with pytest.raises(ValueError, match="does not compute"):
         reference.attach(model, Unknown(), layers=[1])
-    ids = torch.tensor([PREFIX + [IMAGE] * 8 + [7] + [IMAGE] * 8 + TEXTS[0]])
-    with reference.attach(model, "fastv"), pytest.raises(ValueError, match="contiguous"):
-        model(input_ids=ids, pixel_values=PIXELS[:1])
+    one = PREFIX + [IMAGE] * N_IMAGE + TEXTS[0]
+    two = PREFIX + [IMAGE] * N_IMAGE + [7] + [IMAGE] * N_IMAGE + TEXTS[1]  # two images
+    ids = torch.tensor([[0] * (len(two) - len(one)) + one, two])
+    mask = torch.tensor([[0] * (len(two) - len(one)) + [1] * len(one), [1] * len(two)])
+    with reference.attach(model, "fastv"), pytest.raises(ValueError, match="same number"):
+        model(input_ids=ids, attention_mask=mask, pixel_values=PIXELS)
