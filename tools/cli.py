@@ -341,9 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser(
         "compare",
-        help="Run methods at budgets on a local LLaVA checkpoint; table, JSON and plot.",
-        description="Put every method at every budget on one local transformers LLaVA "
-        "checkpoint (a save_pretrained folder; nothing is downloaded) and measure, on the "
+        help="Run methods at budgets on a local VLM checkpoint; table, JSON and plot.",
+        description="Put every method at every budget on one local transformers checkpoint "
+        "(LLaVA-1.5, LLaVA-NeXT, Qwen2-VL or Qwen2.5-VL; a save_pretrained folder; nothing "
+        "is downloaded) and measure, on the "
         "same inputs and alternately with the dense model: visual tokens kept, prefill "
         "latency, decode tokens/s, FLOPs, peak memory (CUDA), next-token agreement, the KL "
         "of the first answer token, and accuracy when answers are given.",
@@ -351,7 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, metavar="PATH", help="save_pretrained folder")
     p.add_argument("--methods", required=True, help="catalog ids, comma-separated")
     p.add_argument(
-        "--budget", default="64,128,192", help="visual tokens kept (default: %(default)s)"
+        "--budget",
+        default="64,128,192",
+        help="visual tokens kept per vision-tower forward (LLaVA-NeXT: per crop) "
+        "(default: %(default)s)",
     )
     p.add_argument("--images", metavar="DIR", help="folder of the questions' images")
     p.add_argument("--questions", metavar="FILE", help='JSON lines {"image", "question", "answer"}')

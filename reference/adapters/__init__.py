@@ -4,7 +4,8 @@ Each adapter patches a model reversibly and hands back a ``Handle`` whose ``deta
 restores the model exactly. ``reference.attach`` dispatches to the adapter modules
 here: ``timm`` (with the project's ViT host), and every module that defines
 ``matches(model)`` and ``attach_method(model, method, layers, proportional_attn,
-kwargs) -> Handle`` (``hf_llava``, ``hf_qwen2_5_vl``).
+kwargs) -> Handle`` (``hf_llava``, ``hf_llava_next``, ``hf_qwen2_5_vl``; language-model
+methods of all three run in ``hf_llava_llm``).
 """
 
 from __future__ import annotations
@@ -80,6 +81,19 @@ class Overrides:
         self._saved.clear()
 
 
+def refuse_sequence_method(cls: type, family: str) -> None:
+    """A ValueError, with the reason, for a method that rewrites the language model's
+    sequence (``reference.hosts.llava.SequenceMethod``) on a transformers ``family``."""
+    from reference.hosts.llava import SequenceMethod
+
+    if issubclass(cls, SequenceMethod):
+        raise ValueError(
+            f"attach: {cls.catalog_id!r} changes the language model's sequence (learned "
+            "tokens, attention mask, routed layers) and needs weights trained with them; "
+            f"only reference.hosts.llava.LlavaHost has that hook, not a transformers {family}"
+        )
+
+
 def check_layers(layers: Iterable[int], count: int, what: str) -> list[int]:
     """``layers`` as a list, each an index in ``[0, count)``; a ValueError says which not."""
     layers = list(layers)
@@ -89,4 +103,4 @@ def check_layers(layers: Iterable[int], count: int, what: str) -> list[int]:
     return layers
 
 
-__all__ = ["Handle", "Overrides", "check_layers"]
+__all__ = ["Handle", "Overrides", "check_layers", "refuse_sequence_method"]

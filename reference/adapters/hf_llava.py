@@ -16,9 +16,15 @@ to the model as ``inputs_embeds`` with the new ``attention_mask`` (and, in
 a shorter prompt, as in the official vision-stage methods). ``generate`` returns
 the shrunk prompt's ids followed by the new tokens.
 
+The feature layer runs as CLIP's own layer when the method needs none of its
+attention signals (so a zero budget gives the plain model's logits exactly), and
+through the adapter's attention (``reference.hosts.vit.attend``) when it does.
+
 Limits (refused with the reason): one image per sample, an integer
 ``vision_feature_layer``, a CLIP vision tower. Language-model methods
 (``LLMReducer``) run inside the decoder: ``reference.adapters.hf_llava_llm``.
+LLaVA-NeXT (``hf_llava_next``) reuses ``vision_features``, ``shrink_prompt``,
+``Patch`` and ``attach_method`` from here.
 """
 
 from __future__ import annotations
@@ -54,14 +60,24 @@ def unsupported(model: nn.Module) -> str | None:
     return None
 
 
+# Signals only the adapter's own attention at the feature layer gives (CLIP's layer does not).
+ATTENTION_SIGNALS = frozenset({"cls_attn", "keys", "attn", "attn_logits", "values"})
+
+
 def vision_features(
     model: nn.Module,
     pixel_values: Tensor,
     reducer: TokenReducer | None,
     projector: Projector | None,
     state: dict,
-) -> tuple[Tensor, Tensor]:
-    """Projected image tokens ``[B, K, hidden]`` and ``[B, K]`` False for empty slots."""
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The image tokens of ``pixel_values [B, 3, H, W]`` (B images, or crops) after the method.
+
+    Returns:
+        ``[B, K, hidden]`` projected tokens, ``[B, K]`` False for empty slots, and
+        ``[B, K]`` the patch (row-major, CLS not counted) each token continues, -1 for
+        CLS or a token the method made; None after a projector method.
+    """
     config, vm = model.config, model.model.vision_tower
     layers = vm.encoder.layers
     feature = config.vision_feature_layer % (len(layers) + 1)  # index into hidden_states
@@ -74,24 +90,28 @@ def vision_features(
         outputs.append(h)
     needs = reducer.needs if reducer is not None else frozenset()
     layer = layers[feature - 1]
-    x = layer.layer_norm1(h)
-    a = layer.self_attn
-    b, n, _ = x.shape
+    b, n, _ = h.shape
+    if needs & ATTENTION_SIGNALS:
+        x = layer.layer_norm1(h)
+        a = layer.self_attn
 
-    def heads(t: Tensor) -> Tensor:
-        return t.view(b, n, -1, a.head_dim).transpose(1, 2)
+        def heads(t: Tensor) -> Tensor:
+            return t.view(b, n, -1, a.head_dim).transpose(1, 2)
 
-    out, signals = attend(
-        heads(a.q_proj(x)), heads(a.k_proj(x)), heads(a.v_proj(x)), a.scale, None, needs
-    )
-    h = h + a.out_proj(out.transpose(1, 2).reshape(b, n, -1))
-    h = h + layer.mlp(layer.layer_norm2(h))
+        out, signals = attend(
+            heads(a.q_proj(x)), heads(a.k_proj(x)), heads(a.v_proj(x)), a.scale, None, needs
+        )
+        h = h + a.out_proj(out.transpose(1, 2).reshape(b, n, -1))
+        h = h + layer.mlp(layer.layer_norm2(h))
+    else:  # CLIP's own layer: the plain model's numbers
+        h, signals = layer(h, None), {}
     outputs.append(h)
     if needs & {"next_q", "next_k"} and feature < len(layers):
         nxt = layers[feature]
         y = nxt.layer_norm1(h)
         signals["next_q"], signals["next_k"] = nxt.self_attn.q_proj(y), nxt.self_attn.k_proj(y)
     valid = torch.ones(b, n, dtype=torch.bool, device=h.device)
+    index = torch.arange(n, device=h.device).expand(b, n)
     if reducer is not None:
         size = h.new_ones(b, n, 1)
         mlp = model.model.multi_modal_projector if projector is None else None
@@ -99,39 +119,42 @@ def vision_features(
             h,
             Signals(prefix=1, size=size, layer=feature - 1, state=state, projector=mlp, **signals),
         )
-        h = red.x
+        h, index = red.x, red.index
         valid = torch.ones(red.x.shape[:2], dtype=torch.bool, device=h.device)
         if red.mask is not None and reducer.masks_attention:
             valid = red.mask > 0
+    index = torch.where(index >= 1, index - 1, -1)  # patches from 0; CLS and made tokens -1
     if config.vision_feature_select_strategy == "default":
-        h, valid = h[:, 1:], valid[:, 1:]
+        h, valid, index = h[:, 1:], valid[:, 1:], index[:, 1:]
     if projector is not None:
         side = int((n - 1) ** 0.5)
         tokens = projector(h, ProjectorSignals(tuple(outputs), (side, side), state))
-        return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=h.device)
-    return model.model.multi_modal_projector(h), valid
+        return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=h.device), None
+    return model.model.multi_modal_projector(h), valid, index
 
 
 def shrink_prompt(
     model: nn.Module,
     input_ids: Tensor,
     attention_mask: Tensor | None,
-    tokens: Tensor,
-    valid: Tensor,
+    images: list[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``input_ids``, ``attention_mask`` and ``inputs_embeds`` with each sample's image
-    run cut to its kept tokens, re-padded on the input's padding side."""
+    run cut to its own image tokens ``images[i] [K_i, hidden]``, re-padded on the
+    input's padding side (left unless the input was right-padded)."""
     image_id = model.config.image_token_id
     pad_id = model.config.text_config.pad_token_id
     pad_id = 0 if pad_id is None else pad_id
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     right = bool((mask[:, -1] == 0).any())
+    if len(images) != input_ids.shape[0]:
+        raise ValueError(f"attach: {len(images)} images for {input_ids.shape[0]} samples")
     rows, masks, spans = [], [], []
     for i in range(input_ids.shape[0]):
         run = (input_ids[i] == image_id).nonzero()[:, 0]
         if run.numel() == 0 or run[-1] - run[0] + 1 != run.numel():
             raise ValueError("attach: each sample needs exactly one run of image tokens")
-        k = int(valid[i].sum())
+        k = images[i].shape[0]
         start, end = int(run[0]), int(run[-1]) + 1
         ids = torch.cat(
             [input_ids[i, :start], input_ids.new_full((k,), image_id), input_ids[i, end:]]
@@ -150,7 +173,7 @@ def shrink_prompt(
         out_ids[i, offset : offset + ids.shape[0]] = ids
         out_mask[i, offset : offset + ids.shape[0]] = m
         emb = embeds(ids)
-        emb[spans[i] : spans[i] + int(valid[i].sum())] = tokens[i][valid[i]].to(emb.dtype)
+        emb[spans[i] : spans[i] + images[i].shape[0]] = images[i].to(emb.dtype)
         if out_emb is None:
             out_emb = emb.new_zeros(len(rows), width, emb.shape[-1])
         out_emb[i, offset : offset + ids.shape[0]] = emb
@@ -158,7 +181,8 @@ def shrink_prompt(
 
 
 class Patch:
-    """The patched state of one model; ``undo`` restores it."""
+    """The patched state of one model; ``undo`` restores it. A model family with its
+    own image layout (LLaVA-NeXT) overrides ``image_tokens``."""
 
     def __init__(self, model: nn.Module, reducer: TokenReducer | None, projector: Projector | None):
         self.model, self.reducer, self.projector = model, reducer, projector
@@ -176,6 +200,13 @@ class Patch:
     def undo(self) -> None:
         self._overrides.undo()
 
+    def image_tokens(self, pixel_values: Tensor, kwargs: dict) -> list[Tensor]:
+        """Each sample's image tokens ``[K_i, hidden]`` (pops what it reads from ``kwargs``)."""
+        tokens, valid, _ = vision_features(
+            self.model, pixel_values, self.reducer, self.projector, dict(self.state)
+        )
+        return [t[v] for t, v in zip(tokens, valid, strict=True)]
+
     def _wrap(self, original: Callable, generating: bool) -> Callable:
         def call(input_ids: Tensor | None = None, *args, **kwargs):
             pixel_values = kwargs.pop("pixel_values", None)
@@ -186,11 +217,9 @@ class Patch:
             if args:
                 raise ValueError("attach: pass the model's inputs by keyword")
             with torch.no_grad() if generating else contextlib.nullcontext():
-                tokens, valid = vision_features(
-                    self.model, pixel_values, self.reducer, self.projector, dict(self.state)
-                )
+                images = self.image_tokens(pixel_values, kwargs)
             ids, mask, embeds = shrink_prompt(
-                self.model, input_ids, kwargs.pop("attention_mask", None), tokens, valid
+                self.model, input_ids, kwargs.pop("attention_mask", None), images
             )
             self.last_attention_mask, self.last_input_ids = mask, ids
             if generating:
@@ -204,9 +233,11 @@ class Patch:
         return call
 
 
-def attach(model: nn.Module, reducer, projector: Projector | None = None) -> Patch:
+def attach(
+    model: nn.Module, reducer, projector: Projector | None = None, patch: type[Patch] = Patch
+) -> Patch:
     reason = unsupported(model)
-    if "generate" in model.__dict__:
+    if "generate" in model.__dict__ or "forward" in model.model.__dict__:  # either stage
         reason = "it already has methods attached; detach them first"
     if reason is not None:
         raise ValueError(f"attach: this transformers LLaVA cannot be patched: {reason}")
@@ -214,7 +245,7 @@ def attach(model: nn.Module, reducer, projector: Projector | None = None) -> Pat
     for part in (reducer, projector):
         if part is not None:
             part.to(device=param.device, dtype=param.dtype).eval()
-    return Patch(model, reducer, projector)
+    return patch(model, reducer, projector)
 
 
 def to_reference_host(model: nn.Module):
@@ -297,14 +328,24 @@ def to_reference_host(model: nn.Module):
     return host.to(next(model.parameters()).dtype).eval()
 
 
-def attach_method(model: nn.Module, method, layers, proportional_attn, kwargs: dict):
-    """``reference.attach`` for a transformers LLaVA: returns the ``Handle``."""
+def attach_method(
+    model: nn.Module, method, layers, proportional_attn, kwargs: dict, *, attach_fn=None
+):
+    """``reference.attach`` for a transformers LLaVA: returns the ``Handle``.
+
+    ``attach_fn(model, reducer, projector) -> Patch`` patches the vision stage (this
+    module's ``attach`` unless a model family brings its own: LLaVA-NeXT)."""
     from reference import registry
-    from reference.adapters import Handle, hf_llava_llm
+    from reference.adapters import Handle, hf_llava_llm, refuse_sequence_method
     from reference.hosts.llava import LLMReducer
 
     if proportional_attn:
         raise ValueError("attach: on a transformers LLaVA, methods act at the vision hook only")
+    if "generate" in model.__dict__:  # a vision-stage patch hides the image from the decoder's
+        raise ValueError(
+            "attach: this transformers LLaVA cannot be patched: it already has methods "
+            "attached; detach them first"
+        )
     if isinstance(method, dict):  # instances by decoder layer: LLM-stage methods only
         return hf_llava_llm.attach_method(model, method, None, layers, kwargs)
     if isinstance(method, nn.Module):
@@ -313,6 +354,7 @@ def attach_method(model: nn.Module, method, layers, proportional_attn, kwargs: d
         instance, cls = method, type(method)
     else:
         cls, instance = registry.get(method), None
+    refuse_sequence_method(cls, type(model).__name__)
     if issubclass(cls, LLMReducer):  # inside the decoder: reference.adapters.hf_llava_llm
         return hf_llava_llm.attach_method(model, cls, instance, layers, kwargs)
     if layers is not None:
@@ -321,11 +363,11 @@ def attach_method(model: nn.Module, method, layers, proportional_attn, kwargs: d
     if issubclass(cls, Projector):
         dims = {"in_dim": model.config.vision_config.hidden_size, "out_dim": text.hidden_size}
         projector = instance if instance is not None else cls(**{**dims, **kwargs})
-        patch = attach(model, None, projector)
+        patch = (attach_fn or attach)(model, None, projector)
         reducers = {"projector": projector}
     elif issubclass(cls, TokenReducer):
         reducer = instance if instance is not None else cls(**kwargs)
-        patch = attach(model, reducer)
+        patch = (attach_fn or attach)(model, reducer, None)
         reducers = {"vision": reducer}
     else:
         raise ValueError(f"attach: {cls.__name__} is not a method of the reference contract")
@@ -334,4 +376,13 @@ def attach_method(model: nn.Module, method, layers, proportional_attn, kwargs: d
     return handle
 
 
-__all__ = ["Patch", "attach", "attach_method", "matches", "to_reference_host", "unsupported"]
+__all__ = [
+    "Patch",
+    "attach",
+    "attach_method",
+    "matches",
+    "shrink_prompt",
+    "to_reference_host",
+    "unsupported",
+    "vision_features",
+]
