@@ -515,3 +515,21 @@ def test_reference_page_shows_projector_rows(papers):
     assert rows[0][:3] == ["Device", "Tokens out", "Setting"]
     assert [r[1] for r in rows[2:]] == ["144", "64"]
     assert "python -m tools bench --suite projector" in text
+
+
+def test_each_reference_page_says_where_its_registered_class_acts():
+    """Read statically, the hook follows the registered class's bases through the package
+    (PVC's projector subclasses InternVL 1.5's; VoCo-LLaMA acts in the language model)."""
+    from reference import registry
+    from reference.hosts.llava import LLMReducer, SequenceMethod
+    from reference.projector import Projector
+
+    classes = {e.catalog_id: e.cls for e in registry.entries()}
+    for module in rp.read_modules(paths.REFERENCE):
+        cls = classes[module.catalog_id]
+        if issubclass(cls, Projector):
+            assert module.where == "projector", module.name
+        elif issubclass(cls, LLMReducer | SequenceMethod):
+            assert module.where == "llm", module.name
+        else:
+            assert module.where in ("mid", "pre"), module.name

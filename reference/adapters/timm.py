@@ -12,7 +12,9 @@ averages the non-prefix tokens weighted by their size (a merged token counts as
 the patches it holds; empty slots count 0), which equals timm's mean when nothing
 was reduced; with no patch token left it is a zero vector (timm's mean of nothing
 would be NaN). Nothing is added to the model: its ``state_dict`` is untouched, and
-``detach`` removes the patched methods.
+``detach`` removes the patched methods. Until a reduction masks or resizes tokens, a
+block without a hook runs timm's own ``forward``, and a hook that asks for no signal
+gets timm's own attention: the same arithmetic without the hooks' Python.
 """
 
 from __future__ import annotations
@@ -70,6 +72,10 @@ class Patch:
         self._overrides.undo()
 
     def _block_forward(self, block: nn.Module, layer: int) -> Callable[..., Tensor]:
+        pre, reducer = split_hooks(self.reducers.get(layer))
+        needs = reducer.needs if reducer is not None else frozenset()
+        plain = type(block).forward.__get__(block)  # timm's own, unpatched
+
         def forward(x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
             if attn_mask is not None or is_causal:
                 raise ValueError("attach: a timm attention mask cannot be combined with reduction")
@@ -77,11 +83,15 @@ class Patch:
                 self.last_state = HostState(x, self.model.num_prefix_tokens, self.proportional)
             ctx = self.last_state
             ctx.layer = layer
-            pre, reducer = split_hooks(self.reducers.get(layer))
+            if pre is None and reducer is None and ctx.keep is None and not ctx.proportional:
+                return plain(x)  # no hook, no mask, no size bias (yet): timm's own block
             if pre is not None:
                 x = ctx.apply(pre, x, {})
-            needs = reducer.needs if reducer is not None else frozenset()
-            out, signals = self._attention(block.attn, block.norm1(x), ctx, needs)
+            if not needs and ctx.keep is None and not ctx.proportional:
+                out = block.attn(block.norm1(x))  # no signal wanted: timm's attention
+                signals: dict[str, Tensor] = {}
+            else:
+                out, signals = self._attention(block.attn, block.norm1(x), ctx, needs)
             x = x + block.drop_path1(block.ls1(out))
             if reducer is not None:
                 x = ctx.apply(reducer, x, signals)

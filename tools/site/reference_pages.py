@@ -152,33 +152,66 @@ def host_label(model: str) -> str:
     return f"ViT-{match[1][0].upper()}/{match[2]}"
 
 
-def _class_attrs(tree: ast.Module) -> dict[str, object]:
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef):
-            attrs = {}
-            for stmt in node.body:
-                if isinstance(stmt, ast.Assign) and isinstance(stmt.targets[0], ast.Name):
-                    value = stmt.value
-                    if isinstance(value, ast.Call) and value.args:  # frozenset({...})
-                        value = value.args[0]
-                    with contextlib.suppress(ValueError):
-                        attrs[stmt.targets[0].id] = ast.literal_eval(value)
-            if "catalog_id" in attrs:
-                bases = {getattr(b, "id", "") for b in node.bases}
-                hook = "llm" if "LLMReducer" in bases else "mid"
-                attrs.setdefault("where", "projector" if "Projector" in bases else hook)
-                return attrs
+HOOK_BASES = {"LLMReducer": "llm", "SequenceMethod": "llm", "Projector": "projector"}
+
+
+def _registered(node: ast.ClassDef) -> bool:
+    return any(getattr(d, "id", "") == "register" for d in node.decorator_list)
+
+
+def _hook(name: str, bases: dict[str, list[str]], seen: frozenset[str] = frozenset()) -> str:
+    """Where a class acts, from its bases (followed through the package's own classes)."""
+    if name in HOOK_BASES:
+        return HOOK_BASES[name]
+    for base in bases.get(name, ()):
+        if base not in seen:
+            hook = _hook(base, bases, seen | {name})
+            if hook != "mid":
+                return hook
+    return "mid"
+
+
+def _class_attrs(tree: ast.Module, bases: dict[str, list[str]]) -> dict[str, object]:
+    """The class attributes of the module's registered class (else its first class with a
+    ``catalog_id``), and ``where`` it acts unless the class says."""
+    classes = [node for node in tree.body if isinstance(node, ast.ClassDef)]
+    for node in sorted(classes, key=lambda n: not _registered(n)):
+        attrs = {}
+        for stmt in node.body:
+            if isinstance(stmt, ast.Assign) and isinstance(stmt.targets[0], ast.Name):
+                value = stmt.value
+                if isinstance(value, ast.Call) and value.args:  # frozenset({...})
+                    value = value.args[0]
+                with contextlib.suppress(ValueError):
+                    attrs[stmt.targets[0].id] = ast.literal_eval(value)
+        if "catalog_id" in attrs:
+            attrs.setdefault("where", _hook(node.name, bases))
+            return attrs
     return {}
+
+
+def _all_bases(trees: list[ast.Module]) -> dict[str, list[str]]:
+    """Every class of the package by name, with the names of its bases."""
+    return {
+        node.name: [getattr(b, "id", getattr(b, "attr", "")) for b in node.bases]
+        for tree in trees
+        for node in tree.body
+        if isinstance(node, ast.ClassDef)
+    }
 
 
 def read_modules(reference_dir: Path) -> list[Module]:
     modules = []
-    for path in sorted(reference_dir.glob("*.py")):
-        if path.stem in INFRASTRUCTURE:
-            continue
-        source = path.read_text(encoding="utf-8")
-        tree = ast.parse(source)
-        attrs = _class_attrs(tree)
+    sources = {
+        path: path.read_text(encoding="utf-8")
+        for path in sorted(reference_dir.glob("*.py"))
+        if path.stem not in INFRASTRUCTURE
+    }
+    trees = {path: ast.parse(source) for path, source in sources.items()}
+    bases = _all_bases(list(trees.values()))
+    for path, source in sources.items():
+        tree = trees[path]
+        attrs = _class_attrs(tree, bases)
         if not attrs:
             continue
         modules.append(
