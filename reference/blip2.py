@@ -112,8 +112,38 @@ class QFormerLayer(nn.Module):
         return self.output_query(self.intermediate_query(q), q)
 
 
-class _Namespace(nn.Module):
-    """An empty module that only gives its children LAVIS's key prefixes."""
+class Namespace(nn.Module):
+    """An empty module that only gives its children the official key prefixes."""
+
+
+def qformer_bert(
+    hidden: int,
+    heads: int,
+    intermediate: int,
+    vision_width: int,
+    layers: int,
+    cross_attention_freq: int,
+    eps: float,
+    dropout: float,
+    layer: type[nn.Module] = QFormerLayer,
+    embeddings: dict[str, nn.Module] | None = None,
+) -> nn.Module:
+    """LAVIS's ``BertModel`` as a Q-Former (the official ``Qformer.bert`` keys):
+    ``embeddings`` (the given tables, e.g. ``word_embeddings``, then ``LayerNorm`` and
+    ``dropout``) and ``encoder.layer``, ``layers`` of ``layer`` with cross-attention to
+    ``vision_width`` features in every ``cross_attention_freq``-th layer from the first."""
+    bert = Namespace()
+    bert.embeddings = Namespace()
+    for name, module in (embeddings or {}).items():
+        setattr(bert.embeddings, name, module)
+    bert.embeddings.LayerNorm = nn.LayerNorm(hidden, eps=eps)
+    bert.embeddings.dropout = nn.Dropout(dropout)
+    bert.encoder = Namespace()
+    bert.encoder.layer = nn.ModuleList(
+        layer(hidden, heads, intermediate, vision_width, cross, eps, dropout)
+        for cross in (i % cross_attention_freq == 0 for i in range(layers))
+    )
+    return bert
 
 
 @register
@@ -170,24 +200,17 @@ class Blip2(Projector):
         self.num_query_token, self.with_cls = num_query_token, with_cls
         self.ln_vision = nn.LayerNorm(in_dim)
         self.query_tokens = nn.Parameter(0.02 * torch.randn(1, num_query_token, hidden_size))
-        bert = _Namespace()
-        bert.embeddings = _Namespace()
-        bert.embeddings.LayerNorm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
-        bert.embeddings.dropout = nn.Dropout(dropout)
-        bert.encoder = _Namespace()
-        bert.encoder.layer = nn.ModuleList(
-            QFormerLayer(
-                hidden_size,
-                num_attention_heads,
-                intermediate_size,
-                in_dim,
-                i % cross_attention_freq == 0,
-                layer_norm_eps,
-                dropout,
-            )
-            for i in range(num_hidden_layers)
+        bert = qformer_bert(
+            hidden_size,
+            num_attention_heads,
+            intermediate_size,
+            in_dim,
+            num_hidden_layers,
+            cross_attention_freq,
+            layer_norm_eps,
+            dropout,
         )
-        self.Qformer = _Namespace()
+        self.Qformer = Namespace()
         self.Qformer.bert = bert
         self.opt_proj = nn.Linear(hidden_size, out_dim)
 

@@ -59,7 +59,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reference.blip2 import BertAttention, BertIntermediate, BertResidual
+from reference.blip2 import (
+    BertAttention,
+    BertIntermediate,
+    BertResidual,
+    Namespace,
+    qformer_bert,
+)
 from reference.projector import Projector, ProjectorSignals
 from reference.registry import register
 
@@ -85,10 +91,6 @@ class QFormerLayer(nn.Module):
             q = self.crossattention(q, image)  # every image token is valid: no mask
         q = self.output_query(self.intermediate_query(q), q)
         return torch.cat([q, self.output(self.intermediate(text), text)], dim=1)
-
-
-class _Namespace(nn.Module):
-    """An empty module that only gives its children the official key prefixes."""
 
 
 def _content_grid(compress_type: str | None) -> int | None:
@@ -166,30 +168,26 @@ class LlamaVid(Projector):
         self.num_query, self.compress_type = num_query, compress_type
         self.grid_size = _content_grid(compress_type)
         # the parameters in initialize_attention_modules' order (the Q-Former first)
-        bert = _Namespace()
-        bert.embeddings = _Namespace()
+        tables = {}
         if vocab_size > 0:  # padding_idx: BERT's pad_token_id
-            bert.embeddings.word_embeddings = nn.Embedding(vocab_size, hidden_size, padding_idx=0)
-        bert.embeddings.position_embeddings = nn.Embedding(max_position_embeddings, hidden_size)
-        bert.embeddings.LayerNorm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
-        bert.embeddings.dropout = nn.Dropout(dropout)
+            tables["word_embeddings"] = nn.Embedding(vocab_size, hidden_size, padding_idx=0)
+        tables["position_embeddings"] = nn.Embedding(max_position_embeddings, hidden_size)
+        bert = qformer_bert(
+            hidden_size,
+            num_attention_heads,
+            intermediate_size,
+            att_feat_size,
+            num_hidden_layers,
+            cross_attention_freq,
+            layer_norm_eps,
+            dropout,
+            layer=QFormerLayer,
+            embeddings=tables,
+        )
         bert.embeddings.register_buffer(
             "position_ids", torch.arange(max_position_embeddings).expand((1, -1))
         )
-        bert.encoder = _Namespace()
-        bert.encoder.layer = nn.ModuleList(
-            QFormerLayer(
-                hidden_size,
-                num_attention_heads,
-                intermediate_size,
-                att_feat_size,
-                i % cross_attention_freq == 0,
-                layer_norm_eps,
-                dropout,
-            )
-            for i in range(num_hidden_layers)
-        )
-        self.vlm_att_encoder = _Namespace()
+        self.vlm_att_encoder = Namespace()
         self.vlm_att_encoder.bert = bert
         self.vlm_att_query = nn.Parameter(0.02 * torch.randn(1, num_query, hidden_size))
         self.vlm_att_projector = nn.Linear(hidden_size, in_dim)

@@ -58,15 +58,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reference.blip2 import QFormerLayer
+from reference.blip2 import Namespace, qformer_bert
 from reference.hosts.llava import RMSNorm
 from reference.projector import Projector, ProjectorSignals
 from reference.registry import register
 from reference.tokenpacker import mlp2
-
-
-class _Namespace(nn.Module):
-    """An empty module that only gives its children the official key prefixes."""
 
 
 class PerceiverAttention(nn.Module):
@@ -217,40 +213,33 @@ class TGLLaVA(Projector):
         self.num_query, self.crops, self.n_latents = num_query, crops, n_latents
         # LlavaMetaTextLearnableQueryModel's modules, in its order
         self.mm_projector = mlp2(in_dim, out_dim)
-        cross = self.mm_cross_attn = _Namespace()
+        cross = self.mm_cross_attn = Namespace()
         cross.resize_linear = nn.Linear(text_dim, in_dim)
         cross.zero_layer = nn.Linear(in_dim, in_dim)
         nn.init.zeros_(cross.zero_layer.weight)  # the mask starts at zero: plain LLaVA at first
         nn.init.zeros_(cross.zero_layer.bias)
-        bert = _Namespace()
-        bert.embeddings = _Namespace()
-        bert.embeddings.LayerNorm = nn.LayerNorm(in_dim, eps=layer_norm_eps)
-        bert.embeddings.dropout = nn.Dropout(dropout)
-        bert.encoder = _Namespace()
-        bert.encoder.layer = nn.ModuleList(
-            QFormerLayer(
-                in_dim,
-                num_attention_heads,
-                intermediate_size,
-                in_dim,
-                i % cross_attention_freq == 0,
-                layer_norm_eps,
-                dropout,
-            )
-            for i in range(num_hidden_layers)
+        bert = qformer_bert(
+            in_dim,
+            num_attention_heads,
+            intermediate_size,
+            in_dim,
+            num_hidden_layers,
+            cross_attention_freq,
+            layer_norm_eps,
+            dropout,
         )
         for m in bert.modules():  # BertPreTrainedModel._init_weights
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-        cross.Qformer = _Namespace()
+        cross.Qformer = Namespace()
         cross.Qformer.bert = bert
         cross.query_tokens = nn.Parameter(0.02 * torch.randn(1, num_query, in_dim))
-        patch = self.mm_patch_encoder = _Namespace()
+        patch = self.mm_patch_encoder = Namespace()
         patch.position_embedding = nn.Embedding(crops * num_query, in_dim)
         patch.pre_mlp = mlp2(in_dim, in_dim)
         patch.proj = mlp2(in_dim, out_dim)
-        patch.perceiver = _Namespace()
+        patch.perceiver = Namespace()
         patch.perceiver.latents = nn.Parameter(0.02 * torch.randn(n_latents, in_dim))
         patch.perceiver.layers = nn.ModuleList(
             PerceiverLayer(
