@@ -43,6 +43,9 @@ class Baseline(TokenReducer):
         out = n if self.keep >= n - prefix else prefix + self.keep
         return out, out
 
+    def keeps_all(self, n: int, prefix: int) -> bool:
+        return self.keep >= n - prefix
+
     @classmethod
     def bench_setting(cls, keep: int, n_image: int, cfg) -> dict:
         return {"vision": cls(keep=keep)}

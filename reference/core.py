@@ -173,6 +173,13 @@ class TokenReducer(nn.Module):
         """Fewest and most output tokens for ``n`` input tokens (equal when exact)."""
         raise NotImplementedError
 
+    def keeps_all(self, n: int, prefix: int) -> bool:
+        """True when, on ``n`` tokens, this method returns them unchanged whatever they are
+        (a zero budget: ToMe's ``r = 0``). The ViT hosts then neither compute its signals
+        nor call it, and record the identity reduction in its place. The default, False,
+        is always safe; a method that keeps every token but changes them must keep it."""
+        return False
+
 
 def with_size(signals: Signals, size: Tensor) -> Signals:
     return replace(signals, size=size)

@@ -145,5 +145,8 @@ class ToMe(TokenReducer):
         kept = n - max(0, min(self.r, (n - prefix) // 2))
         return kept, kept
 
+    def keeps_all(self, n: int, prefix: int) -> bool:
+        return min(self.r, (n - prefix) // 2) <= 0  # merge_wavg's identity
+
     def forward(self, x: Tensor, signals: Signals) -> Reduction:
         return merge_wavg(x, signals.size, self.r, signals.prefix, signals.keys, self.always_sort)

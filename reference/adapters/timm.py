@@ -73,7 +73,6 @@ class Patch:
 
     def _block_forward(self, block: nn.Module, layer: int) -> Callable[..., Tensor]:
         pre, reducer = split_hooks(self.reducers.get(layer))
-        needs = reducer.needs if reducer is not None else frozenset()
         plain = type(block).forward.__get__(block)  # timm's own, unpatched
 
         def forward(x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
@@ -83,11 +82,15 @@ class Patch:
                 self.last_state = HostState(x, self.model.num_prefix_tokens, self.proportional)
             ctx = self.last_state
             ctx.layer = layer
-            if pre is None and reducer is None and ctx.keep is None and not ctx.proportional:
-                return plain(x)  # no hook, no mask, no size bias (yet): timm's own block
             if pre is not None:
                 x = ctx.apply(pre, x, {})
-            if not needs and ctx.keep is None and not ctx.proportional:
+            needs = ctx.needs(reducer, x)
+            untouched = ctx.keep is None and not ctx.proportional  # no mask, no size bias yet
+            if untouched and (reducer is None or reducer.keeps_all(x.shape[1], ctx.prefix)):
+                if reducer is not None:
+                    ctx.apply(reducer, x, {})  # records its identity (x: the block input)
+                return plain(x)  # timm's own block
+            if not needs and untouched:
                 out = block.attn(block.norm1(x))  # no signal wanted: timm's attention
                 signals: dict[str, Tensor] = {}
             else:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reference.core import Reduction, Signals, TokenReducer
+from reference.core import Reduction, Signals, TokenReducer, identity
 
 
 class PatchEmbed(nn.Module):
@@ -211,7 +211,7 @@ class Block(nn.Module):
         pre, reducer = split_hooks(self.reducer)
         if pre is not None:
             x = ctx.apply(pre, x, {})
-        needs = reducer.needs if reducer is not None else frozenset()
+        needs = ctx.needs(reducer, x)
         size = ctx.size if ctx.proportional else None
         out, signals = self.attn(self.norm1(x), size, needs, ctx.keep)
         x = x + out
@@ -254,8 +254,22 @@ class HostState:
         self.reductions: list[Reduction] = []
         self.state: dict = {}
         self.keep: Tensor | None = None  # [B, N] key-padding mask; None: all present
+        self._identity_index: Tensor | None = None  # [B, N] arange, for skipped methods
+
+    def needs(self, reducer: TokenReducer | None, x: Tensor) -> frozenset[str]:
+        """The signals to compute for ``reducer`` on ``x``: none for a method that would
+        keep every token (``TokenReducer.keeps_all``; ``apply`` then skips it)."""
+        if reducer is None or reducer.keeps_all(x.shape[1], self.prefix):
+            return frozenset()
+        return reducer.needs
 
     def apply(self, reducer: TokenReducer, x: Tensor, signals: dict[str, Tensor]) -> Tensor:
+        if reducer.keeps_all(x.shape[1], self.prefix):  # a zero budget: nothing to run
+            ar = self._identity_index
+            if ar is None or ar.shape != x.shape[:2]:  # built once per token count
+                ar = self._identity_index = identity(x, self.size).index
+            self.reductions.append(Reduction(x, self.size, ar, ar))
+            return x
         result = reducer(
             x,
             Signals(

@@ -50,6 +50,36 @@ def test_zero_budget_is_identity(entry, x):
     assert out.x.shape == x.shape
 
 
+def test_keeps_all_is_claimed_only_where_the_method_is_the_identity(entry, x):
+    """The hosts skip a method whose ``keeps_all`` is True (no signals, no call): that is
+    safe only if running it would return every token unchanged and in place."""
+    for config in ("zero", "some"):
+        method = build(entry.cls, config)
+        if method.keeps_all(N, 1):
+            out = run(method, x)
+            torch.testing.assert_close(out.x, x)
+            assert (out.index == torch.arange(N)).all() and (out.assign == torch.arange(N)).all()
+            torch.testing.assert_close(out.size, torch.ones_like(out.size))
+
+
+def test_a_method_that_keeps_all_is_not_run_and_still_traced(monkeypatch):
+    """ToMe at r = 0: no keys are computed and ToMe is never called, yet the trace has one
+    identity per block, and the logits are the plain host's."""
+    from reference.tome import ToMe
+
+    host, images = tiny_host(), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = host(images)
+        asked = []
+        attend = vit.attend
+        monkeypatch.setattr(vit, "attend", lambda *a, **k: (asked.append(a[5]), attend(*a, **k))[1])
+        monkeypatch.setattr(ToMe, "forward", lambda *a: pytest.fail("ToMe ran at r = 0"))
+        vit.apply(host, {i: ToMe(r=0) for i in range(len(host.blocks))}, True)
+        torch.testing.assert_close(host(images), plain, rtol=0, atol=0)
+    assert asked and all(not needs for needs in asked)
+    assert vit.tokens_after(host) == [N] * len(host.blocks)
+
+
 @pytest.mark.parametrize("prefix", [1, 2])
 def test_prefix_tokens_stay_in_place(entry, prefix):
     x = tokens()
