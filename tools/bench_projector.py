@@ -8,13 +8,15 @@ FLOPs, and the compressor's latency against LLaVA-1.5's two-layer MLP projector
 (576 tokens out), the two timed alternately in one run; then the whole prefill
 of the LLaVA host with the projector in place of its MLP, against the host with
 its MLP (on the CPU the host keeps LLaVA-1.5's token counts at reduced widths,
-as the ``vlm`` suite does; on CUDA it has LLaVA-1.5-7B's shapes). Random text
+as the ``vlm`` suite does, and a multi-level projector takes its levels scaled to the
+shallower tower; on CUDA it has LLaVA-1.5-7B's shapes). Random text
 features stand in for a text encoder (text-guided projectors). A projector that
 cannot run on such inputs is listed under ``skipped`` with the reason.
 """
 
 from __future__ import annotations
 
+import inspect
 import statistics
 from dataclasses import asdict
 
@@ -99,31 +101,53 @@ def _alternate(first, second, device, repeat: int, warmup: int) -> tuple[float, 
     return statistics.median(a), statistics.median(b)
 
 
+def _scaled_levels(cls, depth: int) -> dict:
+    """For a multi-level projector (``multi_layers``: 1-based levels of CLIP-L's 24) on a
+    host whose tower runs ``depth`` blocks: the same levels scaled to that depth."""
+    default = inspect.signature(cls).parameters.get("multi_layers")
+    if default is None or depth >= DEPTH:
+        return {}
+    levels = tuple(max(1, round(level * depth / DEPTH)) for level in default.default)
+    return {"multi_layers": levels}
+
+
 def _prefill(
-    cls, setting: dict, host: LlavaHost, args, text, device, dtype, repeat, warmup
+    cls, setting: dict, host: LlavaHost, args, width, device, dtype, repeat, warmup
 ) -> dict:
-    """The host's prefill with ``cls`` in place of its MLP, against the MLP."""
+    """The host's prefill with ``cls`` in place of its MLP, against the MLP. Text, for a
+    projector that took text of ``width``: the host's features of the matching width
+    (its vision tower's or its language model's), else of ``width`` itself (a width the
+    projector fixes), else none."""
     cfg = host.cfg
+    setting = {**setting, **_scaled_levels(cls, cfg.vision_layer + 1)}
     projector = cls(in_dim=cfg.vision["embed_dim"], out_dim=cfg.hidden, **setting)
     projector = projector.to(device, dtype).eval()
+    g = torch.Generator().manual_seed(1)
+    own = {IN_DIM: cfg.vision["embed_dim"], OUT_DIM: cfg.hidden}.get(width, width)
+    widths = list(dict.fromkeys([own, width])) if width else []
+    texts = [torch.randn(1, TEXT, w, generator=g).to(device, dtype) for w in widths] + [None]
 
-    def run(projector=None):
+    def run(projector=None, text=None):
         host.apply(projector=projector)
         return host.prefill(*args, state={} if text is None else {"text": text})
 
-    try:
-        run(projector)
-    except (ValueError, RuntimeError, IndexError) as exc:  # e.g. layers the host lacks
-        host.apply()
-        return {"prefill_error": str(exc).splitlines()[0][:200]}
-    base_ms, ms = _alternate(run, lambda: run(projector), device, repeat, warmup)
+    for i, text in enumerate(texts):
+        try:
+            run(projector, text)
+            break
+        except (ValueError, RuntimeError, IndexError) as exc:  # e.g. layers the host lacks
+            host.apply()
+            if i == len(texts) - 1:
+                return {"prefill_error": str(exc).splitlines()[0][:200]}
+    base_ms, ms = _alternate(run, lambda: run(projector, text), device, repeat, warmup)
     peak = None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        run(projector)
+        run(projector, text)
         peak = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     host.apply()
     return {
+        "prefill_setting": setting,
         "base_prefill_ms": round(base_ms, 2),
         "prefill_ms": round(ms, 2),
         "prefill_speedup": round(base_ms / ms, 3),
@@ -142,11 +166,6 @@ def run_projector(
     torch.manual_seed(0)
     host = LlavaHost(cfg).to(device, dtype).eval()
     args = _inputs(1, cfg, device, dtype)
-    g = torch.Generator().manual_seed(1)
-    host_text = {  # the host's text features, by the compressor's text width
-        IN_DIM: torch.randn(1, TEXT, cfg.vision["embed_dim"], generator=g).to(device, dtype),
-        OUT_DIM: torch.randn(1, TEXT, cfg.hidden, generator=g).to(device, dtype),
-    }
     features, signals = _features(1, device, dtype)
     mlp = _mlp(IN_DIM, OUT_DIM).to(device, dtype).eval()
     entries = [e for e in registry.entries(pattern) if issubclass(e.cls, Projector)]
@@ -199,7 +218,7 @@ def run_projector(
                         setting,
                         host,
                         args,
-                        host_text.get(width) if width else None,
+                        width,
                         device,
                         dtype,
                         repeat,

@@ -163,13 +163,27 @@ def cmd_bench(args) -> int:
     from tools.bench_reference import run as run_bench
 
     suites = set(args.suite.split(","))
-    unknown = suites - {"vit", "vlm", "projector", "attach"}
+    device_kind = args.device.split(":")[0]
+    unknown = suites - {"vit", "vlm", "projector", "attach", "memory"}
     if unknown:
         raise ValueError(
             f"--suite: unknown suite(s) {', '.join(sorted(unknown))}; "
-            "choose from vit, vlm, projector, attach"
+            "choose from vit, vlm, projector, attach, memory"
         )
-    device_kind = args.device.split(":")[0]
+    if "memory" in suites:
+        from tools.bench_memory import run_memory
+
+        memory = run_memory(args.device)
+        memory_out = paths.DOCS / "benchmarks" / f"memory-{device_kind}.json"
+        write_atomic(memory_out, json.dumps(memory, indent=2) + "\n")
+        for row in memory["results"]:
+            print(
+                f"{row['attn']:6} {row['method']:6} b{row['batch']}  "
+                f"peak {row['peak_mib']:8.1f} MiB"
+                f"  largest allocation {row['largest_allocation_mib']:6.1f} MiB "
+                f"({row['largest_allocation_op']}; one N x N map: {row['one_attention_map_mib']})"
+            )
+        print(f"{memory_out}: written")
     if "attach" in suites:
         from tools.bench_attach import run_attach
 
@@ -336,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="vit,vlm,projector",
         help="vit (ViT host), vlm (LLaVA host), projector (projectors at LLaVA-1.5's "
         "shape against its MLP), attach (the cost of reference.attach on transformers and "
-        "timm models), comma-separated (default: %(default)s)",
+        "timm models), memory (FastV's peak memory under sdpa and eager), comma-separated "
+        "(default: %(default)s)",
     )
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser(
