@@ -482,7 +482,7 @@ def test_comparison_lists_projectors_by_tokens_out_then_cost(catalog):
     text = benchmarks.comparison_page(catalog, {}, {}, projector_results())
     rows = table_rows(text, "#### Projectors at the LLaVA-1.5 shape")
     header, _, *body = rows
-    assert header[:3] == ["Method", "Tokens out", "Setting"] and "Peak MB" not in header
+    assert header[:2] == ["Method", "Tokens out"] and "Peak MB" not in header
     # 64 tokens before 144; at each count the cheaper compressor first (DeCo's 30 ms before
     # BLIP-2's 180 ms; DeCo's 25 ms before TokenPacker's 50 ms).
     names = [r[0].split("]")[0].lstrip("[") for r in body]
