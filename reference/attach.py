@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from reference import registry
-from reference.adapters import Handle, check_layers
+from reference.adapters import Handle, check_layers, resolve_method
 from reference.core import TokenReducer
 from reference.hosts.llava import LlavaHost, LLMReducer, SequenceMethod
 from reference.hosts.vit import VisionTransformer, split_hooks
@@ -179,12 +179,7 @@ def _attach_llava(host: LlavaHost, method, layers, kwargs) -> Handle:
     if before[0] is not None or before[1] or before[3] is not None or before[4] is not None:
         raise ValueError("attach: this host already has methods attached; detach them first")
     cfg = host.cfg
-    if isinstance(method, nn.Module):
-        if kwargs:
-            raise ValueError("attach: keyword arguments go with a catalog id, not an instance")
-        instance, cls = method, type(method)
-    else:
-        cls, instance = registry.get(method), None
+    cls, instance = resolve_method(method, kwargs)
     if issubclass(cls, LLMReducer):
         if instance is not None:
             if layers is None:

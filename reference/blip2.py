@@ -131,7 +131,15 @@ def qformer_bert(
     """LAVIS's ``BertModel`` as a Q-Former (the official ``Qformer.bert`` keys):
     ``embeddings`` (the given tables, e.g. ``word_embeddings``, then ``LayerNorm`` and
     ``dropout``) and ``encoder.layer``, ``layers`` of ``layer`` with cross-attention to
-    ``vision_width`` features in every ``cross_attention_freq``-th layer from the first."""
+    ``vision_width`` features in every ``cross_attention_freq``-th layer from the first.
+    A setting BERT cannot express is a ValueError naming the constructor argument
+    (``num_attention_heads``, ``cross_attention_freq``, ``num_hidden_layers``)."""
+    if heads < 1 or hidden % heads:
+        raise ValueError(f"num_attention_heads must be a divisor of {hidden}, got {heads}")
+    if cross_attention_freq < 1:
+        raise ValueError(f"cross_attention_freq must be >= 1, got {cross_attention_freq}")
+    if layers < 1:
+        raise ValueError(f"num_hidden_layers must be >= 1, got {layers}")
     bert = Namespace()
     bert.embeddings = Namespace()
     for name, module in (embeddings or {}).items():
@@ -188,15 +196,6 @@ class Blip2(Projector):
         super().__init__()
         if num_query_token < 1:
             raise ValueError(f"num_query_token must be >= 1, got {num_query_token}")
-        if num_attention_heads < 1 or hidden_size % num_attention_heads:
-            raise ValueError(
-                f"num_attention_heads must be a divisor of hidden_size={hidden_size}, "
-                f"got {num_attention_heads}"
-            )
-        if cross_attention_freq < 1:
-            raise ValueError(f"cross_attention_freq must be >= 1, got {cross_attention_freq}")
-        if num_hidden_layers < 1:
-            raise ValueError(f"num_hidden_layers must be >= 1, got {num_hidden_layers}")
         self.num_query_token, self.with_cls = num_query_token, with_cls
         self.ln_vision = nn.LayerNorm(in_dim)
         self.query_tokens = nn.Parameter(0.02 * torch.randn(1, num_query_token, hidden_size))

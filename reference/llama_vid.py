@@ -156,15 +156,6 @@ class LlamaVid(Projector):
         super().__init__()
         if num_query < 1:
             raise ValueError(f"num_query must be >= 1, got {num_query}")
-        if num_attention_heads < 1 or hidden_size % num_attention_heads:
-            raise ValueError(
-                f"num_attention_heads must be a divisor of hidden_size={hidden_size}, "
-                f"got {num_attention_heads}"
-            )
-        if cross_attention_freq < 1:
-            raise ValueError(f"cross_attention_freq must be >= 1, got {cross_attention_freq}")
-        if num_hidden_layers < 1:
-            raise ValueError(f"num_hidden_layers must be >= 1, got {num_hidden_layers}")
         self.num_query, self.compress_type = num_query, compress_type
         self.grid_size = _content_grid(compress_type)
         # the parameters in initialize_attention_modules' order (the Q-Former first)

@@ -54,6 +54,9 @@ class Projector(nn.Module):
     invalid_configs: ClassVar[tuple[tuple[dict, str], ...]] = ()
     count_argument: ClassVar[str | None] = None  # the constructor argument that is ``M``
     takes: ClassVar[str] = "features"  # or "pixels": a vision encoder of its own (FastVLM)
+    # True: fuses the prompt into ``state["fused_text"]``, which the LLaVA host feeds to its
+    # decoder in place of the prompt's embeddings (LLaVA-Mini; see reference.hosts.llava).
+    fuses_text: ClassVar[bool] = False
 
     @classmethod
     def count_setting(cls, keep: int, n_image: int) -> dict | None:

@@ -81,6 +81,18 @@ class Overrides:
         self._saved.clear()
 
 
+def resolve_method(method: str | nn.Module, kwargs: dict) -> tuple[type, nn.Module | None]:
+    """``(class, instance)`` of ``method``, a catalog id (instance None) or an instance
+    (which takes no keyword arguments: they go to a catalog id's constructor)."""
+    from reference import registry
+
+    if isinstance(method, nn.Module):
+        if kwargs:
+            raise ValueError("attach: keyword arguments go with a catalog id, not an instance")
+        return type(method), method
+    return registry.get(method), None
+
+
 def refuse_sequence_method(cls: type, family: str) -> None:
     """A ValueError, with the reason, for a method that rewrites the language model's
     sequence (``reference.hosts.llava.SequenceMethod``) on a transformers ``family``."""
@@ -103,4 +115,4 @@ def check_layers(layers: Iterable[int], count: int, what: str) -> list[int]:
     return layers
 
 
-__all__ = ["Handle", "Overrides", "check_layers", "refuse_sequence_method"]
+__all__ = ["Handle", "Overrides", "check_layers", "refuse_sequence_method", "resolve_method"]

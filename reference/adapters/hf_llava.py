@@ -335,8 +335,7 @@ def attach_method(
 
     ``attach_fn(model, reducer, projector) -> Patch`` patches the vision stage (this
     module's ``attach`` unless a model family brings its own: LLaVA-NeXT)."""
-    from reference import registry
-    from reference.adapters import Handle, hf_llava_llm, refuse_sequence_method
+    from reference.adapters import Handle, hf_llava_llm, refuse_sequence_method, resolve_method
     from reference.hosts.llava import LLMReducer
 
     if proportional_attn:
@@ -348,12 +347,7 @@ def attach_method(
         )
     if isinstance(method, dict):  # instances by decoder layer: LLM-stage methods only
         return hf_llava_llm.attach_method(model, method, None, layers, kwargs)
-    if isinstance(method, nn.Module):
-        if kwargs:
-            raise ValueError("attach: keyword arguments go with a catalog id, not an instance")
-        instance, cls = method, type(method)
-    else:
-        cls, instance = registry.get(method), None
+    cls, instance = resolve_method(method, kwargs)
     refuse_sequence_method(cls, type(model).__name__)
     if issubclass(cls, LLMReducer):  # inside the decoder: reference.adapters.hf_llava_llm
         return hf_llava_llm.attach_method(model, cls, instance, layers, kwargs)

@@ -299,20 +299,14 @@ def attach(model: nn.Module, reducer: TokenReducer) -> Patch:
 
 def attach_method(model: nn.Module, method, layers, proportional_attn, kwargs: dict):
     """``reference.attach`` for a transformers Qwen2.5-VL or Qwen2-VL: returns the ``Handle``."""
-    from reference import registry
-    from reference.adapters import Handle, hf_llava_llm, refuse_sequence_method
+    from reference.adapters import Handle, hf_llava_llm, refuse_sequence_method, resolve_method
     from reference.hosts.llava import LLMReducer
 
     if proportional_attn:
         raise ValueError("attach: proportional_attn applies to ViT models only")
     if isinstance(method, dict):  # LLM-stage instances by decoder layer
         return hf_llava_llm.attach_method(model, method, None, layers, kwargs)
-    if isinstance(method, nn.Module):
-        if kwargs:
-            raise ValueError("attach: keyword arguments go with a catalog id, not an instance")
-        instance, cls = method, type(method)
-    else:
-        cls, instance = registry.get(method), None
+    cls, instance = resolve_method(method, kwargs)
     refuse_sequence_method(cls, type(model).__name__)
     if issubclass(cls, LLMReducer):  # inside the decoder: reference.adapters.hf_llava_llm
         return hf_llava_llm.attach_method(model, cls, instance, layers, kwargs)

@@ -555,7 +555,7 @@ class LlavaHost(nn.Module):
         state = {} if state is None else dict(state)
         self.last_state = state
         prompt = [self.embed_tokens(prefix_ids), self.embed_tokens(suffix_ids)]
-        fuses = getattr(self.projector, "fuses_text", False)
+        fuses = self.projector is not None and self.projector.fuses_text
         if fuses:  # a projector that fuses the prompt with the image (LLaVA-Mini)
             state.setdefault("text_embeds", torch.cat(prompt, 1))
             prompt_valid = [torch.ones_like(prefix_ids, dtype=torch.bool), suffix_valid.bool()]
